@@ -1,0 +1,242 @@
+"""Identity commands: ``init``, ``attest``, ``status``, ``migrate``."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from blf.attestation import BACKENDS
+from blf.config import (
+    PUBLIC_ICL_ENDPOINT,
+    LoadedConfig,
+    load_config,
+    resolve_config_path,
+    write_new_config,
+)
+from blf.errors import BlfError
+from blf.gpu import detect_gpus
+from blf.icl import probe
+from blf.node import Node, open_node
+from blf.wallet import PRIVATE_KEY_ENV, create_keystore, keystore_address, read_password
+
+KEYSTORE_NAME = "keystore.json"
+
+
+def register(cli: click.Group) -> None:
+    for command in (init, attest, status, migrate):
+        cli.add_command(command)
+
+
+def warn(message: str) -> None:
+    click.secho(f"Warning: {message}", fg="yellow", err=True)
+
+
+def load_with_warnings() -> LoadedConfig:
+    loaded = load_config()
+    for message in loaded.warnings:
+        warn(message)
+    return loaded
+
+
+def split_models(values: tuple[str, ...]) -> list[str]:
+    return [m.strip() for value in values for m in value.split(",") if m.strip()]
+
+
+def humanize_seconds(seconds: int) -> str:
+    sign, seconds = ("-" if seconds < 0 else ""), abs(seconds)
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes = rest // 60
+    if days:
+        return f"{sign}{days}d {hours}h"
+    if hours:
+        return f"{sign}{hours}h {minutes}m"
+    return f"{sign}{minutes}m {rest % 60}s"
+
+
+def describe_expiry(expiry: int | None, *, now: float | None = None) -> tuple[str, str | None]:
+    """A readable expiry and, when it needs action, a warning."""
+    if not expiry:
+        return "none (run `blindference-node attest --mock`)", "no attestation"
+    left = int(expiry - (time.time() if now is None else now))
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(expiry))
+    if left <= 0:
+        return f"{stamp} (expired {humanize_seconds(-left)} ago)", "certificate expired"
+    text = f"{stamp} (in {humanize_seconds(left)})"
+    if left < 6 * 3600:
+        return text, "certificate expires within 6 h"
+    return text, None
+
+
+# --- init --------------------------------------------------------------------------------
+
+
+@click.command()
+@click.option(
+    "--models",
+    multiple=True,
+    help="Model ids this node serves (comma-separated or repeated), e.g. qwen2.5-7b.",
+)
+@click.option("--icl", "icl_endpoint", default=None, help=f"ICL endpoint [{PUBLIC_ICL_ENDPOINT}].")
+@click.option("--force", is_flag=True, help="Overwrite an existing node (its key is replaced).")
+def init(models: tuple[str, ...], icl_endpoint: str | None, force: bool) -> None:
+    """Create the node directory, its keystore and config.json.
+
+    A new key is generated unless BLF_PRIVATE_KEY holds one to import. The keystore
+    password comes from BLF_KEY_PASSWORD or a prompt; with both env vars set, init
+    asks nothing.
+    """
+    path, warnings = resolve_config_path()
+    for message in warnings:
+        warn(message)
+    keystore = path.parent / KEYSTORE_NAME
+    if (path.exists() or keystore.exists()) and not force:
+        raise click.ClickException(
+            f"a node already exists at {path.parent}; use --force to replace it "
+            "(this discards its key unless BLF_PRIVATE_KEY re-imports it)"
+        )
+    password = read_password(confirm=True)
+    address = create_keystore(keystore, password, os.environ.get(PRIVATE_KEY_ENV))
+    gpus = detect_gpus()
+    config = {
+        "node_address": address,
+        "keystore_path": KEYSTORE_NAME,
+        "tier": 0,
+        "supported_model_ids": split_models(models),
+        "attestation_backend": "mock",
+        "icl_endpoint": icl_endpoint or PUBLIC_ICL_ENDPOINT,
+        "log_level": "INFO",
+        "attestation_cert_hash": None,
+        "attestation_expiry": None,
+        "registered_on_chain": False,
+        "gpus": gpus,
+    }
+    write_new_config(path, config)
+    click.echo(f"Node initialised in {path.parent}")
+    click.echo(f"  Address : {address}")
+    click.echo(f"  Models  : {', '.join(config['supported_model_ids']) or '(none)'}")  # type: ignore[arg-type]
+    click.echo(f"  GPUs    : {', '.join(gpus) or 'none found (fine for a control machine)'}")
+    click.echo("Next: blindference-node attest --mock")
+
+
+# --- attest ------------------------------------------------------------------------------
+
+
+@click.command()
+@click.option("--mock", is_flag=True, help="Use the mock backend (tier 0), the only one today.")
+@click.option(
+    "--tee-key",
+    default=None,
+    help="Mock attestation key (default: $MOCK_ATTESTATION_KEY, else the network's default).",
+)
+@click.option(
+    "--register-on-chain",
+    is_flag=True,
+    help="Also register the node in NodeRegistry (needs rpc_url and gas).",
+)
+def attest(mock: bool, tee_key: str | None, register_on_chain: bool) -> None:
+    """Attest this node with the ICL: challenge, quote, verify; saves the certificate."""
+    if not mock:
+        lines = ["Attestation backends:"]
+        for backend in BACKENDS.values():
+            state = "available" if backend.available else "not available yet"
+            lines.append(f"  {backend.name:8} tier {backend.tier}  {state}: {backend.about}")
+        lines.append("Only the mock backend (tier 0) is available now:")
+        lines.append("  blindference-node attest --mock")
+        click.echo("\n".join(lines))
+        raise SystemExit(2)
+    node = open_node(load_with_warnings())
+    cert = node.attest(tee_key=tee_key)
+    expiry_text, _ = describe_expiry(cert.expiry)
+    click.echo(f"Attested with {node.settings.icl_endpoint}")
+    click.echo(f"  Address : {node.address}")
+    click.echo(f"  Tier    : {cert.tier}")
+    click.echo(f"  Cert    : {cert.cert_hash}")
+    click.echo(f"  Expires : {expiry_text}")
+    if register_on_chain:
+        from blf.cli.chain import register_on_chain as do_register
+
+        do_register(node)
+
+
+# --- status ------------------------------------------------------------------------------
+
+
+def _node_address(loaded: LoadedConfig) -> str:
+    if loaded.settings.node_address:
+        return loaded.settings.node_address
+    try:
+        return keystore_address(loaded.keystore_file()) or "(unknown)"
+    except BlfError:
+        return "(unknown)"
+
+
+@click.command()
+def status() -> None:
+    """Show the node's identity, certificate and whether its ICL answers."""
+    loaded = load_with_warnings()
+    settings = loaded.settings
+    expiry_text, expiry_warning = describe_expiry(settings.attestation_expiry)
+    reachable = probe(settings.icl_endpoint)
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column()
+    rows = [
+        ("Config", str(loaded.path)),
+        ("Address", _node_address(loaded)),
+        ("Tier", str(settings.tier)),
+        ("Models", ", ".join(settings.supported_model_ids) or "(none)"),
+        ("Cert", settings.attestation_cert_hash or "(none)"),
+        ("Expires", expiry_text),
+        ("ICL", f"{settings.icl_endpoint} ({'answers' if reachable is None else f'does not answer: {reachable}'})"),
+        ("Broker", settings.broker_url or "embedded Redis (started by `run`)"),
+        ("Chain", settings.rpc_url or "no rpc_url: on-chain duties off"),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
+    console = Console()
+    console.print(table)
+    if expiry_warning:
+        warn(f"{expiry_warning}: run `blindference-node attest --mock`")
+    if settings.unknown_fields:
+        warn(f"config fields blf does not use (kept as they are): {', '.join(settings.unknown_fields)}")
+
+
+# --- migrate -----------------------------------------------------------------------------
+
+
+@click.command()
+@click.option(
+    "--from",
+    "source",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="The public node's directory (the one holding its config.json).",
+)
+def migrate(source: Path) -> None:
+    """Check a public node's directory before running blf on it; changes nothing.
+
+    Point BLF_CONFIG_DIR (or BLF_CONFIG_PATH) at that directory afterwards: blf reads the
+    same config.json and keystore as they are.
+    """
+    path = source.expanduser() / "config.json"
+    loaded = load_config(path)
+    click.echo(f"config.json  : ok ({path})")
+    for field in loaded.settings.unknown_fields:
+        click.echo(f"  unknown field kept as is: {field}")
+    node: Node = open_node(loaded)
+    click.echo(f"keystore     : ok, decrypts to {node.address} ({loaded.keystore_file()})")
+    expiry_text, expiry_warning = describe_expiry(loaded.settings.attestation_expiry)
+    click.echo(f"attestation  : {expiry_text}")
+    todo = []
+    if expiry_warning:
+        todo.append("blindference-node attest --mock")
+    todo.append("blindference-node run")
+    click.echo(f"\nNext, with BLF_CONFIG_DIR={source.expanduser()} set:")
+    for step in todo:
+        click.echo(f"  {step}")

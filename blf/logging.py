@@ -1,0 +1,46 @@
+"""The log format of protocol.md section 6, for blf's lines and Celery's alike:
+
+    [2026-05-18T10:25:00] [INFO   ] [0xdDef3Cf5] Daemon starting ...
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+__all__ = ["NodeFormatter", "configure_logging"]
+
+LOG_FORMAT = "[%(asctime)s] [%(levelname)-7s] [%(node)s] %(message)s"
+DATE_FORMAT = "%Y-%m-%dT%H:%M:%S"
+
+# Libraries whose INFO lines are per-request noise rather than node events.
+_CHATTY = ("urllib3", "web3", "asyncio", "uvicorn.access", "httpx", "kombu", "amqp")
+
+
+class NodeFormatter(logging.Formatter):
+    """Adds the first 10 characters of the node address to every record."""
+
+    converter = time.localtime
+
+    def __init__(self, address: str) -> None:
+        super().__init__(LOG_FORMAT, DATE_FORMAT)
+        self.node = (address or "-")[:10]
+
+    def format(self, record: logging.LogRecord) -> str:
+        record.node = self.node
+        return super().format(record)
+
+
+def configure_logging(address: str, level: str = "INFO") -> None:
+    """Route every logger (root included, so Celery's too) to stdout in the node format."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(NodeFormatter(address))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    quiet = logging.WARNING if level.upper() != "DEBUG" else logging.INFO
+    for name in _CHATTY:
+        logging.getLogger(name).setLevel(quiet)

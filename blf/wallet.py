@@ -1,0 +1,106 @@
+"""The operator key: a standard encrypted Ethereum keystore (v3, scrypt) and request signing.
+
+The key is decrypted once on the control machine and kept in memory only; it is never
+logged, never written in the clear, and never placed in a Celery message.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from eth_account import Account
+from eth_account.messages import encode_defunct
+from eth_account.signers.local import LocalAccount
+from eth_utils import to_checksum_address
+
+from blf.errors import WalletError, WrongPasswordError
+
+__all__ = [
+    "PASSWORD_ENV",
+    "create_keystore",
+    "keystore_address",
+    "load_account",
+    "read_password",
+    "sign_text",
+]
+
+PASSWORD_ENV = "BLF_KEY_PASSWORD"
+PRIVATE_KEY_ENV = "BLF_PRIVATE_KEY"
+
+
+def read_password(
+    *, confirm: bool = False, prompt: Callable[[str], str] = getpass.getpass
+) -> str:
+    """``BLF_KEY_PASSWORD`` if set, else ask on the terminal without echo."""
+    from_env = os.environ.get(PASSWORD_ENV)
+    if from_env is not None:
+        return from_env
+    if not sys.stdin.isatty():
+        raise WalletError(f"no keystore password: set {PASSWORD_ENV} or run interactively")
+    password = prompt("Keystore password: ")
+    if confirm and prompt("Repeat password: ") != password:
+        raise WalletError("the two passwords differ")
+    return password
+
+
+def create_keystore(path: Path, password: str, private_key: str | None = None) -> str:
+    """Write a new keystore (fresh key, or ``private_key`` imported); returns the address."""
+    if private_key:
+        try:
+            account = Account.from_key(private_key)
+        except (ValueError, TypeError):
+            raise WalletError(f"{PRIVATE_KEY_ENV} is not a valid private key") from None
+    else:
+        account = Account.create()
+    keystore = Account.encrypt(account.key, password, kdf="scrypt")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Create with 0600 from the start: a chmod after writing leaves a readable window.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        json.dump(keystore, handle)
+    os.chmod(path, 0o600)
+    return str(account.address)
+
+
+def _read_keystore(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise WalletError(f"keystore not found: {path}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise WalletError(f"keystore {path} is unreadable: {exc}") from None
+    if not isinstance(data, dict) or "crypto" not in {k.lower() for k in data}:
+        raise WalletError(f"keystore {path} is not an Ethereum v3 keystore")
+    return data
+
+
+def keystore_address(path: Path) -> str | None:
+    """The address a keystore declares, read without the password (None if absent)."""
+    address = _read_keystore(path).get("address")
+    if not address:
+        return None
+    return to_checksum_address(address if str(address).startswith("0x") else f"0x{address}")
+
+
+def load_account(path: Path, password: str) -> LocalAccount:
+    data = _read_keystore(path)
+    try:
+        key = Account.decrypt(data, password)
+    except ValueError as exc:
+        if "MAC mismatch" in str(exc):
+            raise WrongPasswordError(f"wrong password for keystore {path}") from None
+        raise WalletError(f"keystore {path} cannot be decrypted: {exc}") from None
+    account: LocalAccount = Account.from_key(key)
+    return account
+
+
+def sign_text(account: LocalAccount, text: str) -> str:
+    """EIP-191 ``personal_sign`` of a UTF-8 string, as ``0x`` + hex."""
+    signed = account.sign_message(encode_defunct(text=text))
+    return "0x" + signed.signature.hex().removeprefix("0x")
