@@ -9,13 +9,13 @@ __all__ = ["detect_gpus"]
 
 
 def detect_gpus() -> list[str]:
-    """Names and memory of the NVIDIA GPUs visible here, e.g. ``["NVIDIA H100 80GB HBM3 (81559 MiB)"]``."""
+    """The NVIDIA GPUs visible here, e.g. ``["NVIDIA H100 80GB HBM3 (81559 MiB)"]``."""
     return _from_nvml() or _from_nvidia_smi()
 
 
 def _from_nvml() -> list[str]:
     try:
-        import pynvml  # type: ignore[import-not-found]
+        import pynvml
     except ImportError:
         return []
     try:

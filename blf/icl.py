@@ -270,7 +270,7 @@ class IclClient:
         )
 
     def heartbeat(self) -> StatusAck:
-        body = HeartbeatRequest(nodeAddress=self.address, timestamp=str(int(self._clock())))
+        body = HeartbeatRequest(node_address=self.address, timestamp=str(int(self._clock())))
         return self._call("POST", "/internal/heartbeat", StatusAck, body=body)
 
     def assignments(self) -> list[Assignment]:
@@ -280,8 +280,7 @@ class IclClient:
         except IclStatusError as exc:
             if exc.status in (401, 404):
                 raise NodeUnknownError(
-                    f"ICL does not know node {self.address} ({exc.status} on {exc.url}); "
-                    "re-attest",
+                    f"ICL does not know node {self.address} ({exc.status} on {exc.url}); re-attest",
                     method="GET",
                     url=exc.url,
                     status=exc.status,
@@ -291,7 +290,7 @@ class IclClient:
         return answer.assignments
 
     def claim(self, job_id: str) -> ClaimGrant:
-        body = ClaimRequest(jobId=job_id, nodeAddress=self.address)
+        body = ClaimRequest(job_id=job_id, node_address=self.address)
         return self._call("POST", "/internal/task/claim", ClaimGrant, body=body, retry=NO_RETRY)
 
     def submit_result(self, result: LeaderResult) -> SubmissionAck:
@@ -414,4 +413,3 @@ def _detail(response: requests.Response) -> str:
     if isinstance(data, dict) and "detail" in data:
         return str(data["detail"])[:200]
     return json.dumps(data)[:200]
-

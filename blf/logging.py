@@ -1,27 +1,36 @@
 """The log format of protocol.md section 6, for blf's lines and Celery's alike:
 
-    [2026-05-18T10:25:00] [INFO   ] [0xdDef3Cf5] Daemon starting ...
+[2026-05-18T10:25:00] [INFO   ] [0xdDef3Cf5] Daemon starting ...
 """
 
 from __future__ import annotations
 
 import logging
 import sys
-import time
 
 __all__ = ["NodeFormatter", "configure_logging"]
 
 LOG_FORMAT = "[%(asctime)s] [%(levelname)-7s] [%(node)s] %(message)s"
 DATE_FORMAT = "%Y-%m-%dT%H:%M:%S"
 
-# Libraries whose INFO lines are per-request noise rather than node events.
-_CHATTY = ("urllib3", "web3", "asyncio", "uvicorn.access", "httpx", "kombu", "amqp")
+# INFO lines that are per-request or per-tick noise rather than node events: every 5 s
+# poll would otherwise log "received", "succeeded" and "Sending due task".
+_CHATTY = (
+    "urllib3",
+    "web3",
+    "asyncio",
+    "uvicorn.access",
+    "httpx",
+    "kombu",
+    "amqp",
+    "celery.app.trace",
+    "celery.worker.strategy",
+    "celery.beat",
+)
 
 
 class NodeFormatter(logging.Formatter):
     """Adds the first 10 characters of the node address to every record."""
-
-    converter = time.localtime
 
     def __init__(self, address: str) -> None:
         super().__init__(LOG_FORMAT, DATE_FORMAT)

@@ -17,8 +17,9 @@ from eth_account.signers.local import LocalAccount
 from eth_utils import to_checksum_address
 
 from blf.attestation import BACKENDS, mock_key, mock_quote, runtime_hash
+from blf.chain import ChainClient
 from blf.config import LoadedConfig, Settings, load_config, update_config_file
-from blf.errors import AttestationError, IclStatusError, WalletError
+from blf.errors import AttestationError, ChainError, IclStatusError, WalletError
 from blf.icl import AttestationRequest, Certificate, IclClient
 from blf.wallet import load_account, read_password
 
@@ -45,8 +46,26 @@ class Node:
     def directory(self) -> Path:
         return self.config.directory
 
+    def reload(self) -> None:
+        """Re-read config.json: another process (the CLI, a peer worker) may have re-attested."""
+        self.config = load_config(self.config.path)
+
     def icl(self) -> IclClient:
         return IclClient(self.settings.icl_endpoint, account=self.account)
+
+    def chain(self) -> ChainClient:
+        settings = self.settings
+        if not settings.rpc_url:
+            raise ChainError("no rpc_url configured: set it in config.json or BLF_RPC_URL")
+        return ChainClient(
+            settings.rpc_url,
+            chain_id=settings.chain_id,
+            registry_address=settings.node_registry_address,
+            account=self.account,
+            max_fee_gwei=settings.max_fee_gwei,
+            # One lock file per key: the CLI and the workers may send at the same time.
+            nonce_lock_path=self.directory / "nonce.lock",
+        )
 
     def cert_seconds_left(self) -> int | None:
         if not self.settings.attested:
@@ -67,12 +86,12 @@ class Node:
         client = icl or self.icl()
         challenge = client.challenge()
         request = AttestationRequest(
-            nodeAddress=self.address,
-            backendType="mock",
+            node_address=self.address,
+            backend_type="mock",
             quote=mock_quote(challenge.nonce, mock_key(tee_key)),
-            runtimeHash=runtime_hash(),
-            challengeId=challenge.challenge_id,
-            supportedModelIds=list(self.settings.supported_model_ids),
+            runtime_hash=runtime_hash(),
+            challenge_id=challenge.challenge_id,
+            supported_model_ids=list(self.settings.supported_model_ids),
         )
         try:
             cert = client.verify_attestation(request)
@@ -98,12 +117,12 @@ class Node:
         self.config.settings = self.settings.model_copy(update=fields)
 
 
-def open_node(
-    config: LoadedConfig | None = None, *, password: str | None = None
-) -> Node:
+def open_node(config: LoadedConfig | None = None, *, password: str | None = None) -> Node:
     """Load the config and unlock the keystore; checks the keystore matches the config."""
     loaded = config or load_config()
-    account = load_account(loaded.keystore_file(), read_password() if password is None else password)
+    if password is None:
+        password = read_password()
+    account = load_account(loaded.keystore_file(), password)
     configured = loaded.settings.node_address
     if configured and to_checksum_address(configured) != to_checksum_address(account.address):
         raise WalletError(

@@ -34,9 +34,7 @@ PASSWORD_ENV = "BLF_KEY_PASSWORD"
 PRIVATE_KEY_ENV = "BLF_PRIVATE_KEY"
 
 
-def read_password(
-    *, confirm: bool = False, prompt: Callable[[str], str] = getpass.getpass
-) -> str:
+def read_password(*, confirm: bool = False, prompt: Callable[[str], str] = getpass.getpass) -> str:
     """``BLF_KEY_PASSWORD`` if set, else ask on the terminal without echo."""
     from_env = os.environ.get(PASSWORD_ENV)
     if from_env is not None:

@@ -183,6 +183,7 @@ def status() -> None:
     settings = loaded.settings
     expiry_text, expiry_warning = describe_expiry(settings.attestation_expiry)
     reachable = probe(settings.icl_endpoint)
+    icl_state = "answers" if reachable is None else f"does not answer: {reachable}"
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_column(style="bold")
     table.add_column()
@@ -193,7 +194,7 @@ def status() -> None:
         ("Models", ", ".join(settings.supported_model_ids) or "(none)"),
         ("Cert", settings.attestation_cert_hash or "(none)"),
         ("Expires", expiry_text),
-        ("ICL", f"{settings.icl_endpoint} ({'answers' if reachable is None else f'does not answer: {reachable}'})"),
+        ("ICL", f"{settings.icl_endpoint} ({icl_state})"),
         ("Broker", settings.broker_url or "embedded Redis (started by `run`)"),
         ("Chain", settings.rpc_url or "no rpc_url: on-chain duties off"),
     ]
@@ -204,7 +205,8 @@ def status() -> None:
     if expiry_warning:
         warn(f"{expiry_warning}: run `blindference-node attest --mock`")
     if settings.unknown_fields:
-        warn(f"config fields blf does not use (kept as they are): {', '.join(settings.unknown_fields)}")
+        unknown = ", ".join(settings.unknown_fields)
+        warn(f"config fields blf does not use (kept as they are): {unknown}")
 
 
 # --- migrate -----------------------------------------------------------------------------

@@ -1,9 +1,117 @@
-"""Service commands: ``run``, ``worker``, ``beat``."""
+"""Service commands: ``run`` (the whole node), ``worker`` and ``beat`` (one role each)."""
 
 from __future__ import annotations
 
+import socket
+import sys
+
 import click
+
+from blf.app import app, configure, control_queue, model_queue
+from blf.config import LoadedConfig
+from blf.errors import ConfigError
+from blf.logging import configure_logging
+from blf.node import open_node
+
+NO_ATTESTATION = "Error: No attestation found. Run `blindference-node attest` first."
 
 
 def register(cli: click.Group) -> None:
-    pass
+    for command in (run, worker, beat):
+        cli.add_command(command)
+
+
+def _loaded() -> LoadedConfig:
+    from blf.cli.node import load_with_warnings
+
+    return load_with_warnings()
+
+
+def _require_broker(loaded: LoadedConfig) -> None:
+    if not loaded.settings.broker_url:
+        raise ConfigError(
+            f"{loaded.path}: field 'broker_url' is empty; `worker` and `beat` join an existing "
+            "Redis (set BLF_BROKER_URL=redis://...), while `run` starts an embedded one",
+            field="broker_url",
+        )
+
+
+@click.command()
+def run() -> None:
+    """Run the node: embedded Redis (unless broker_url is set), a control worker with
+    beat (heartbeat 60 s, poller 5 s, watchdog 10 min, on-chain heartbeat 10 days) and an
+    inference worker. SIGINT/SIGTERM stop it gracefully: no new assignments, running jobs
+    finish (up to shutdown_timeout_s), a final heartbeat, then exit 0."""
+    from blf.supervisor import Supervisor
+    from blf.wallet import read_password
+
+    loaded = _loaded()
+    if not loaded.settings.attested:
+        click.echo(NO_ATTESTATION, err=True)
+        sys.exit(1)
+    password = read_password()
+    node = open_node(loaded, password=password)
+    configure_logging(node.address, loaded.settings.log_level)
+    sys.exit(Supervisor(node=node, password=password).run())
+
+
+@click.command()
+@click.option(
+    "--role",
+    type=click.Choice(["control", "inference", "all"]),
+    default="all",
+    show_default=True,
+    help="control: ICL/chain work, needs the keystore. inference: model queues only, "
+    "no key needed (GPU machines). all: both.",
+)
+@click.option("--beat", "with_beat", is_flag=True, help="Embed the beat scheduler.")
+@click.option("--concurrency", type=int, default=None, help="Parallel tasks (default from config).")
+@click.option(
+    "--password-stdin", is_flag=True, help="Read the keystore password from the first stdin line."
+)
+def worker(role: str, with_beat: bool, concurrency: int | None, password_stdin: bool) -> None:
+    """Run one Celery worker of this node against its broker_url."""
+    from blf import runtime
+
+    loaded = _loaded()
+    _require_broker(loaded)
+    settings = loaded.settings
+    address = settings.node_address
+    queues = []
+    if role in ("control", "all"):
+        password = sys.stdin.readline().rstrip("\n") if password_stdin else None
+        node = open_node(loaded, password=password)
+        runtime.install(node)
+        address = node.address
+        queues.append(control_queue(address))
+    if role in ("inference", "all"):
+        queues += [model_queue(address, m) for m in settings.supported_model_ids]
+    if not queues:
+        raise ConfigError(f"{loaded.path}: no supported_model_ids, so no inference queue to serve")
+    configure(settings)
+    configure_logging(address, settings.log_level)
+    control = role == "control"
+    instance = app.Worker(
+        hostname=f"{role}.{address[:10]}@{socket.gethostname()}",
+        queues=queues,
+        beat=with_beat,
+        pool="threads" if control else "prefork",
+        concurrency=concurrency
+        or (settings.control_concurrency if control else settings.inference_concurrency),
+        loglevel=settings.log_level,
+        without_mingle=True,
+        without_gossip=True,
+        quiet=True,
+    )
+    instance.start()
+    sys.exit(instance.exitcode or 0)
+
+
+@click.command()
+def beat() -> None:
+    """Run only the beat scheduler; a RedBeat lock keeps it to one per node."""
+    loaded = _loaded()
+    _require_broker(loaded)
+    configure(loaded.settings)
+    configure_logging(loaded.settings.node_address, loaded.settings.log_level)
+    app.Beat(loglevel=loaded.settings.log_level).run()

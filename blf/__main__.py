@@ -1,0 +1,3 @@
+from blf.cli import main
+
+main()

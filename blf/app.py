@@ -1,0 +1,150 @@
+"""The Celery app, its settings, and the one place queue and key names are made.
+
+``import blf.app`` builds the app and its conf and nothing else: no Redis, network or
+keystore access happens here (those open in worker signals or inside tasks). Importing
+it reads config.json when one exists, so ``celery -A blf.app worker`` works; the CLI
+calls ``configure`` itself with the settings it loaded.
+
+Everything a node writes to Redis is namespaced by its address, so two nodes sharing one
+Redis never see each other's queues, locks, schedule or job state.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+from typing import Any
+
+from celery import Celery
+from celery.signals import setup_logging
+
+import beat_schedule
+from blf.broker import broker_urls
+from blf.config import Settings, load_config
+from blf.errors import ConfigError
+from blf.logging import configure_logging
+
+__all__ = [
+    "CONTROL_TASKS",
+    "app",
+    "build_conf",
+    "configure",
+    "control_queue",
+    "model_queue",
+    "node_key",
+]
+
+log = logging.getLogger("blf.app")
+
+app = Celery("blf", set_as_current=False)
+
+# Tasks that speak for the operator identity (ICL, chain, CoFHE): control machine only.
+CONTROL_TASKS = (
+    "blf.tasks.loops.icl_heartbeat",
+    "blf.tasks.loops.poll_assignments",
+    "blf.tasks.loops.attestation_watchdog",
+    "blf.tasks.loops.chain_heartbeat",
+    "blf.tasks.jobs.start_job",
+)
+
+# Margin between the longest job and kombu's redelivery of an unacknowledged message.
+VISIBILITY_MARGIN_S = 600
+
+
+def namespace(address: str) -> str:
+    return f"blf.{address.lower()}"
+
+
+def control_queue(address: str) -> str:
+    return f"{namespace(address)}.control"
+
+
+def model_queue(address: str, model_id: str) -> str:
+    return f"{namespace(address)}.model.{model_id}"
+
+
+def node_key(address: str, *parts: str) -> str:
+    """A Redis key of this node's own, e.g. ``blf:0xabc…:seen:<job>``."""
+    return ":".join(("blf", address.lower(), *parts))
+
+
+def build_conf(settings: Settings) -> dict[str, Any]:
+    address = settings.node_address or "0x0"
+    urls = broker_urls(settings.broker_url) if settings.broker_url else None
+    visibility = settings.job_timeout_s + VISIBILITY_MARGIN_S
+    transport = {
+        "visibility_timeout": visibility,
+        # kombu's own keys (unacked, bindings) would otherwise be shared between nodes.
+        "global_keyprefix": node_key(address) + ":",
+    }
+    loop = min(settings.poll_interval_s, 5.0)
+    conf: dict[str, Any] = {
+        "broker_url": urls.celery if urls else None,
+        "result_backend": urls.celery if urls else None,
+        "broker_transport_options": transport,
+        "result_backend_transport_options": dict(transport),
+        "visibility_timeout": visibility,
+        "broker_connection_retry_on_startup": True,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        "result_expires": timedelta(days=1),
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        "worker_hijack_root_logger": False,
+        "task_default_queue": control_queue(address),
+        "task_routes": (route_task,),
+        "task_time_limit": settings.job_timeout_s,
+        "control_exchange": namespace(address),
+        "event_exchange": namespace(address) + ".ev",
+        "include": ["blf.tasks.loops", "blf.tasks.jobs"],
+        "beat_scheduler": "redbeat.RedBeatScheduler",
+        "beat_schedule": beat_schedule.build(settings, control_queue(address)),
+        "beat_max_loop_interval": loop,
+        "redbeat_redis_url": urls.redis if urls else None,
+        "redbeat_redis_options": {},
+        "redbeat_key_prefix": node_key(address, "redbeat") + ":",
+        # A crashed beat's lock must free within a few loops, not RedBeat's 25 minutes.
+        "redbeat_lock_timeout": max(5 * loop, 10.0),
+        "blf_address": address,
+        "blf_log_level": settings.log_level,
+    }
+    return conf
+
+
+def route_task(
+    name: str, args: Any, kwargs: Any, options: Any, task: Any = None, **_: Any
+) -> dict[str, str]:
+    address = app.conf.blf_address
+    if name in CONTROL_TASKS:
+        return {"queue": control_queue(address)}
+    model_id = (kwargs or {}).get("model_id")
+    if model_id:
+        return {"queue": model_queue(address, model_id)}
+    log.warning("task %s has no route; sending it to the control queue", name)
+    return {"queue": control_queue(address)}
+
+
+def configure(settings: Settings, target: Celery = app) -> Celery:
+    target.conf.update(build_conf(settings))
+    return target
+
+
+@setup_logging.connect
+def _use_node_log_format(**_: Any) -> None:
+    # Connected, so Celery leaves logging alone and its lines use the node's format too.
+    configure_logging(app.conf.get("blf_address", ""), app.conf.get("blf_log_level", "INFO"))
+
+
+def _configure_from_environment() -> None:
+    try:
+        loaded = load_config()
+    except ConfigError:
+        return  # no node here (yet): the CLI configures explicitly, or worker start fails
+    configure(loaded.settings)
+
+
+_configure_from_environment()

@@ -1,0 +1,54 @@
+"""What a worker process holds while it runs tasks: the unlocked node, one ICL client,
+one Redis connection pool. The CLI installs the node before the worker starts; a worker
+started as ``celery -A blf.app worker`` unlocks it on first use from BLF_KEY_PASSWORD."""
+
+from __future__ import annotations
+
+import redis
+
+from blf.app import app
+from blf.broker import broker_urls
+from blf.errors import BrokerError
+from blf.icl import IclClient
+from blf.journal import Journal
+from blf.node import Node, open_node
+
+__all__ = ["icl", "install", "journal", "node", "redis_client"]
+
+_node: Node | None = None
+_icl: IclClient | None = None
+_redis: redis.Redis | None = None
+
+
+def install(current: Node) -> None:
+    global _node, _icl
+    _node, _icl = current, None
+
+
+def node() -> Node:
+    if _node is None:
+        install(open_node())  # `celery -A blf.app worker` started by hand: password from env
+    assert _node is not None
+    return _node
+
+
+def icl() -> IclClient:
+    global _icl
+    current = node()
+    if _icl is None or _icl.base_url != current.settings.icl_endpoint.rstrip("/"):
+        _icl = current.icl()
+    return _icl
+
+
+def redis_client() -> redis.Redis:
+    global _redis
+    if _redis is None:
+        url = app.conf.broker_url
+        if not url:
+            raise BrokerError("no broker configured for this worker")
+        _redis = redis.Redis.from_url(broker_urls(url).redis, decode_responses=True)
+    return _redis
+
+
+def journal() -> Journal:
+    return Journal(redis_client(), app.conf.blf_address)
