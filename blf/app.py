@@ -108,7 +108,7 @@ def build_conf(settings: Settings) -> dict[str, Any]:
         "redbeat_redis_options": {},
         "redbeat_key_prefix": node_key(address, "redbeat") + ":",
         # A crashed beat's lock must free within a few loops, not RedBeat's 25 minutes.
-        "redbeat_lock_timeout": max(5 * loop, 10.0),
+        "redbeat_lock_timeout": max(5 * loop, 5.0),
         "blf_address": address,
         "blf_log_level": settings.log_level,
     }

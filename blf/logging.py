@@ -13,20 +13,17 @@ __all__ = ["NodeFormatter", "configure_logging"]
 LOG_FORMAT = "[%(asctime)s] [%(levelname)-7s] [%(node)s] %(message)s"
 DATE_FORMAT = "%Y-%m-%dT%H:%M:%S"
 
-# INFO lines that are per-request or per-tick noise rather than node events: every 5 s
-# poll would otherwise log "received", "succeeded" and "Sending due task".
-_CHATTY = (
-    "urllib3",
-    "web3",
-    "asyncio",
-    "uvicorn.access",
-    "httpx",
-    "kombu",
-    "amqp",
-    "celery.app.trace",
-    "celery.worker.strategy",
-    "celery.beat",
-)
+# Libraries whose INFO lines are per-request noise rather than node events.
+_CHATTY = ("urllib3", "web3", "asyncio", "uvicorn.access", "httpx", "kombu", "amqp")
+# Celery's per-task lines: every 5 s poll would log "received" and "succeeded".
+_TICKS = ("celery.app.trace", "celery.worker.strategy")
+
+
+class _NoTickSends(logging.Filter):
+    """Drops beat's "Sending due task" lines (one per tick) below DEBUG."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Scheduler: Sending due task")
 
 
 class NodeFormatter(logging.Formatter):
@@ -50,6 +47,13 @@ def configure_logging(address: str, level: str = "INFO") -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
-    quiet = logging.WARNING if level.upper() != "DEBUG" else logging.INFO
+    debug = level.upper() == "DEBUG"
     for name in _CHATTY:
-        logging.getLogger(name).setLevel(quiet)
+        logging.getLogger(name).setLevel(logging.INFO if debug else logging.WARNING)
+    for name in _TICKS:
+        logging.getLogger(name).setLevel(logging.NOTSET if debug else logging.WARNING)
+    beat = logging.getLogger("celery.beat")
+    for old_filter in [f for f in beat.filters if isinstance(f, _NoTickSends)]:
+        beat.removeFilter(old_filter)
+    if not debug:
+        beat.addFilter(_NoTickSends())

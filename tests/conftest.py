@@ -1,1 +1,34 @@
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from blf.devnet.icl import DevnetIcl
+from tests.nodes import Processes
+
 pytest_plugins = ["tests.fixtures_chain"]
+
+
+@pytest.fixture(autouse=True)
+def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests choose their node explicitly; an operator's BLF_* variables must not leak in."""
+    for name in list(os.environ):
+        if name.startswith("BLF_") or name == "MOCK_ATTESTATION_KEY":
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture
+def devnet() -> Iterator[DevnetIcl]:
+    with DevnetIcl() as icl:
+        yield icl
+
+
+@pytest.fixture
+def processes() -> Iterator[Processes]:
+    started = Processes()
+    try:
+        yield started
+    finally:
+        started.close()

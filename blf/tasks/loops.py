@@ -7,8 +7,11 @@ each beat entry expires after one period so ticks never pile up behind a slow IC
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from typing import Any
 
+from celery.signals import worker_shutting_down
 from redis.exceptions import LockError
 
 from blf import runtime
@@ -28,6 +31,15 @@ ATTEST_LOCK_S = 120
 
 periodic = app.task(acks_late=False, ignore_result=True)
 
+# Set when this worker begins a warm shutdown: a poll tick already fetched from the queue
+# must not take on new jobs while the node is stopping.
+_stopping = threading.Event()
+
+
+@worker_shutting_down.connect
+def _stop_polling(**_: Any) -> None:
+    _stopping.set()
+
 
 @periodic
 def icl_heartbeat() -> None:
@@ -41,6 +53,8 @@ def icl_heartbeat() -> None:
 
 @periodic
 def poll_assignments() -> None:
+    if _stopping.is_set():
+        return
     try:
         assignments = _fetch_assignments()
     except BlfError as exc:

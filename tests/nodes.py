@@ -1,0 +1,194 @@
+"""Test helpers: node directories made with the real CLI, node processes, and waiting.
+
+Processes under test write their output to a file that the test reads while they run;
+every wait polls a condition with a deadline instead of sleeping a fixed time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from click.testing import CliRunner, Result
+
+from blf.cli import cli
+
+PASSWORD = "correct horse battery staple"
+T = TypeVar("T")
+
+
+def wait_until(
+    predicate: Callable[[], T], *, timeout: float = 30.0, interval: float = 0.05, what: str = ""
+) -> T:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+        time.sleep(interval)
+
+
+def short_tempdir() -> Path:
+    # Unix socket paths are limited to ~104 bytes; pytest's tmp_path can exceed that.
+    return Path(tempfile.mkdtemp(prefix="blf-", dir="/tmp"))
+
+
+@dataclass
+class NodeDir:
+    """A node's directory and the environment that selects it."""
+
+    root: Path
+    address: str = ""
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "config.json"
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {
+            "BLF_CONFIG_PATH": str(self.config_path),
+            "BLF_KEY_PASSWORD": PASSWORD,
+            **self.extra_env,
+        }
+
+    def config(self) -> dict[str, Any]:
+        return dict(json.loads(self.config_path.read_text()))
+
+    def set_config(self, **fields: Any) -> None:
+        data = self.config()
+        data.update(fields)
+        self.config_path.write_text(json.dumps(data, indent=2))
+
+    def invoke(self, *args: str, env: dict[str, str] | None = None) -> Result:
+        """Run a CLI command in-process with this node selected."""
+        merged = {"BLF_CONFIG_DIR": None, **self.env, **(env or {})}
+        return CliRunner().invoke(cli, list(args), env=merged, catch_exceptions=False)
+
+    def process_env(self, **overrides: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BLF_")}
+        env.update(self.env)
+        env.update(overrides)
+        env["PYTHONUNBUFFERED"] = "1"
+        return env
+
+
+def make_node(
+    icl_url: str,
+    *,
+    models: str = "test-model",
+    root: Path | None = None,
+    attest: bool = True,
+    **config: Any,
+) -> NodeDir:
+    node = NodeDir(root or short_tempdir())
+    result = node.invoke("init", "--models", models, "--icl", icl_url)
+    assert result.exit_code == 0, result.output
+    node.address = node.config()["node_address"]
+    if config:
+        node.set_config(**config)
+    if attest:
+        result = node.invoke("attest", "--mock")
+        assert result.exit_code == 0, result.output
+    return node
+
+
+class NodeProcess:
+    """A ``blindference-node`` subprocess whose combined output goes to a log file."""
+
+    def __init__(self, node: NodeDir, *args: str, **env: str) -> None:
+        self.node = node
+        self.log_path = node.root / f"{args[0]}-{time.monotonic_ns()}.log"
+        self._log = self.log_path.open("wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "blf", *args],
+            env=node.process_env(**env),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def lines(self, pattern: str) -> list[str]:
+        return [line for line in self.output().splitlines() if re.search(pattern, line)]
+
+    def wait_for(self, pattern: str, *, count: int = 1, timeout: float = 60.0) -> list[str]:
+        def seen() -> list[str]:
+            if self.process.poll() is not None and len(self.lines(pattern)) < count:
+                raise AssertionError(
+                    f"process exited ({self.process.returncode}) before {pattern!r}:\n"
+                    + self.output()[-4000:]
+                )
+            found = self.lines(pattern)
+            return found if len(found) >= count else []
+
+        return wait_until(seen, timeout=timeout, what=f"{count} x {pattern!r}")
+
+    def signal(self, signum: int = signal.SIGTERM) -> None:
+        self.process.send_signal(signum)
+
+    def wait(self, timeout: float = 60.0) -> int:
+        return self.process.wait(timeout)
+
+    def kill(self) -> None:
+        """Kill the whole session (the node and anything it started)."""
+        if self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(10)
+
+    def close(self) -> None:
+        self.kill()
+        self._log.close()
+
+
+@dataclass
+class Processes:
+    """Starts node processes and kills whatever is left at the end of a test."""
+
+    started: list[NodeProcess] = field(default_factory=list)
+
+    def start(self, node: NodeDir, *args: str, **env: str) -> NodeProcess:
+        proc = NodeProcess(node, *args, **env)
+        self.started.append(proc)
+        return proc
+
+    def close(self) -> None:
+        for proc in self.started:
+            proc.close()
+        # The workers `run` spawns have their own sessions; kill any left behind.
+        for proc in self.started:
+            _kill_descendants_of(proc.node.root)
+
+
+def _kill_descendants_of(root: Path) -> None:
+    """Kill processes whose environment selects this node directory (left-over children)."""
+    marker = f"BLF_CONFIG_PATH={root / 'config.json'}".encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if marker in environ.split(b"\0") and int(entry.name) != os.getpid():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(entry.name), signal.SIGKILL)

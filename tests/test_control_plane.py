@@ -1,0 +1,218 @@
+"""The Celery control plane with real parts: redis-server, Celery workers and beat as
+subprocesses, the devnet ICL over HTTP. Intervals are shortened through BLF_* overrides."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import redis
+import requests
+from starlette.requests import Request
+from starlette.responses import Response
+
+from blf.broker import EmbeddedRedis
+from blf.devnet.icl import DevnetIcl
+from tests.nodes import NodeDir, Processes, make_node, short_tempdir, wait_until
+
+FAST = {
+    "BLF_HEARTBEAT_INTERVAL_S": "1",
+    "BLF_POLL_INTERVAL_S": "0.5",
+    "BLF_WATCHDOG_INTERVAL_S": "1",
+    "BLF_CHAIN_HEARTBEAT_CHECK_S": "1",
+}
+
+
+def node_record(devnet: DevnetIcl, address: str) -> dict[str, Any]:
+    nodes = requests.get(f"{devnet.url}/admin/nodes", timeout=5).json()["nodes"]
+    return next(n for n in nodes if n["address"] == address)
+
+
+def job_record(devnet: DevnetIcl, job_id: str) -> dict[str, Any]:
+    return dict(requests.get(f"{devnet.url}/admin/jobs/{job_id}", timeout=5).json())
+
+
+def submit_job(devnet: DevnetIcl, model: str = "test-model") -> dict[str, Any]:
+    body = {
+        "modelId": model,
+        "promptCid": "bafkreid7af5y3qsyl5srccaxtbhtmcv4exvdushxrobpqyphzflgtz2fyu",
+        "kpHighHandle": 11,
+        "kpLowHandle": 22,
+        "userAddress": "0x000000000000000000000000000000000000dEaD",
+    }
+    answer = requests.post(f"{devnet.url}/admin/jobs", json=body, timeout=5)
+    assert answer.status_code == 200, answer.text
+    return dict(answer.json())
+
+
+@pytest.fixture
+def open_devnet() -> Iterator[DevnetIcl]:
+    """Every role sees its assignment at once, and claimed jobs stay listed (as some
+    coordinator versions do), so the node's de-duplication is what keeps claims single."""
+    with DevnetIcl(verifiers_wait_for_leader=False, relist_claimed=True) as icl:
+        yield icl
+
+
+@pytest.fixture
+def quorum(open_devnet: DevnetIcl) -> list[NodeDir]:
+    """Three attested nodes: enough for the devnet to form a job's quorum."""
+    return [make_node(open_devnet.url) for _ in range(3)]
+
+
+@pytest.fixture
+def shared_redis() -> Iterator[EmbeddedRedis]:
+    with EmbeddedRedis(short_tempdir()) as server:
+        yield server
+
+
+def test_run_without_attestation_prints_the_exact_error(devnet: DevnetIcl) -> None:
+    node = make_node(devnet.url, attest=False)
+    result = node.invoke("run")
+    assert result.exit_code == 1
+    assert result.output.strip() == (
+        "Error: No attestation found. Run `blindference-node attest` first."
+    )
+
+
+def test_two_embedded_nodes_each_fire_the_four_loops(
+    devnet: DevnetIcl, processes: Processes
+) -> None:
+    """Two `run`s with different config paths side by side, each with its own Redis."""
+    nodes = [make_node(devnet.url), make_node(devnet.url)]
+    # A re-attest window longer than the certificate makes every watchdog tick re-attest.
+    runs = [
+        processes.start(node, "run", BLF_REATTEST_WITHIN_S="999999", **FAST) for node in nodes
+    ]
+    for node, run in zip(nodes, runs, strict=True):
+        run.wait_for(r"\[INFO   \] \[0x[0-9a-fA-F]{8}\] Daemon starting \.\.\.")
+        record = lambda n=node: node_record(devnet, n.address)  # noqa: E731
+        wait_until(lambda r=record: len(r()["heartbeats"]) >= 4, what="heartbeats")
+        wait_until(lambda r=record: r()["polls"] >= 6, what="polls")
+        wait_until(lambda r=record: r()["attestations"] >= 3, what="watchdog re-attests")
+        run.wait_for("On-chain heartbeat disabled: no rpc_url configured")
+        run.wait_for("No assignments for last 60s")
+        for line in ("  Address : " + node.address, "  Tier    : 0", "  Models  : test-model"):
+            assert run.lines(re.escape(line)), run.output()
+        assert (node.root / "redis.sock").exists()
+    runs[0].signal(signal.SIGTERM)
+    runs[1].signal(signal.SIGINT)
+    assert [run.wait() for run in runs] == [0, 0]
+    assert not any((node.root / "redis.sock").exists() for node in nodes)
+
+
+def test_job_is_claimed_and_enqueued_once_with_racing_pollers(
+    open_devnet: DevnetIcl, quorum: list[NodeDir], processes: Processes, shared_redis: EmbeddedRedis
+) -> None:
+    node = quorum[0]
+    broker = shared_redis.urls.celery
+    workers = [
+        processes.start(node, "worker", "--role", "control", BLF_BROKER_URL=broker)
+        for _ in range(2)
+    ]
+    for worker in workers:
+        worker.wait_for(r"ready\.")
+    job = submit_job(open_devnet)
+    # Many poll ticks at once, over two workers with four threads each: a race if any.
+    from blf.app import app, configure
+    from blf.config import load_config
+
+    settings = load_config(node.config_path).settings.model_copy(update={"broker_url": broker})
+    configure(settings)
+    for _ in range(16):
+        app.send_task("blf.tasks.loops.poll_assignments")
+    wait_until(lambda: job_record(open_devnet, job["jobId"])["claims"][node.address] >= 1)
+    log_of = lambda: "".join(w.output() for w in workers)  # noqa: E731
+    wait_until(lambda: "claimed" in log_of(), what="claim log")
+    # Further polls still see the job listed; none may claim or enqueue it again.
+    polls_before = job_record(open_devnet, job["jobId"])["polls"][node.address]
+    for _ in range(8):
+        app.send_task("blf.tasks.loops.poll_assignments")
+    wait_until(
+        lambda: job_record(open_devnet, job["jobId"])["polls"][node.address] >= polls_before + 8,
+        what="more polls",
+    )
+    assert job_record(open_devnet, job["jobId"])["claims"][node.address] == 1
+    text = log_of()
+    assert text.count(f"job {job['jobId'][:8]}") == 1, text
+    assert text.count("claimed") == 1, text
+
+
+def test_second_beat_stays_idle_and_takes_over_after_kill(
+    devnet: DevnetIcl, processes: Processes, shared_redis: EmbeddedRedis
+) -> None:
+    node = make_node(devnet.url)
+    env = {"BLF_BROKER_URL": shared_redis.urls.celery, "BLF_LOG_LEVEL": "DEBUG", **FAST}
+    processes.start(node, "worker", "--role", "control", **env).wait_for(r"ready\.")
+    first = processes.start(node, "beat", **env)
+    first.wait_for("beat: Acquired lock")
+    first.wait_for("Sending due task icl-heartbeat")
+    second = processes.start(node, "beat", **env)
+    second.wait_for("beat: Acquiring lock")
+    # While the first lives, the second sends nothing, however many ticks pass.
+    first.wait_for("Sending due task icl-heartbeat", count=len(first.lines("icl-heartbeat")) + 3)
+    assert not second.lines("Sending due task")
+    first.signal(signal.SIGKILL)
+    second.wait_for("beat: Acquired lock", timeout=60)
+    second.wait_for("Sending due task icl-heartbeat")
+
+
+def test_sigterm_waits_for_the_running_job_then_sends_a_final_heartbeat(
+    processes: Processes,
+) -> None:
+    entered, release = threading.Event(), threading.Event()
+    devnet = DevnetIcl(verifiers_wait_for_leader=False)
+
+    @devnet.app.middleware("http")
+    async def hold_claims(request: Request, call_next: Callable[[Request], Any]) -> Response:
+        if request.url.path == "/internal/task/claim":
+            entered.set()
+            await asyncio.to_thread(release.wait, 30)
+        response: Response = await call_next(request)
+        return response
+
+    with devnet:
+        nodes = [make_node(devnet.url) for _ in range(3)]
+        node = nodes[0]
+        run = processes.start(node, "run", **FAST)
+        run.wait_for("Daemon starting")
+        job = submit_job(devnet)
+        assert entered.wait(30), run.output()
+        run.signal(signal.SIGTERM)
+        run.wait_for("Shutting down")
+        released_at = time.time()
+        release.set()
+        assert run.wait(60) == 0, run.output()
+        record = job_record(devnet, job["jobId"])
+        assert record["claims"][node.address] == 1
+        heartbeats = node_record(devnet, node.address)["heartbeats"]
+    out = run.output()
+    assert out.index("claimed") < out.index("Final heartbeat sent to ICL"), out
+    assert any(beat >= released_at for beat in heartbeats), "no heartbeat after the job"
+    assert "Embedded Redis stopped" in out
+
+
+def test_two_nodes_share_one_redis_without_crossing(
+    devnet: DevnetIcl, processes: Processes, shared_redis: EmbeddedRedis
+) -> None:
+    a, b = make_node(devnet.url), make_node(devnet.url)
+    env = {"BLF_BROKER_URL": shared_redis.urls.celery, **FAST}
+    runs = [processes.start(node, "run", **env) for node in (a, b)]
+    for node in (a, b):
+        wait_until(lambda n=node: len(node_record(devnet, n.address)["heartbeats"]) >= 3)
+        wait_until(lambda n=node: node_record(devnet, n.address)["polls"] >= 3)
+    client = redis.Redis.from_url(shared_redis.urls.redis, decode_responses=True)
+    keys = set(client.keys("*"))
+    for node in (a, b):
+        assert any(k.startswith(f"blf:{node.address.lower()}:") for k in keys), keys
+    # Each worker only ever signs as its own node: a crossed queue would show the other.
+    for run, other in ((runs[0], b), (runs[1], a)):
+        assert other.address[:10] not in run.output()
+    for run in runs:
+        run.signal(signal.SIGTERM)
+        assert run.wait() == 0
