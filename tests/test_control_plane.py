@@ -19,7 +19,7 @@ from starlette.responses import Response
 
 from blf.broker import EmbeddedRedis
 from blf.devnet.icl import DevnetIcl
-from tests.nodes import NodeDir, Processes, make_node, short_tempdir, wait_until
+from tests.nodes import NodeDir, Processes, make_node, wait_until
 
 FAST = {
     "BLF_HEARTBEAT_INTERVAL_S": "1",
@@ -65,12 +65,6 @@ def quorum(open_devnet: DevnetIcl) -> list[NodeDir]:
     return [make_node(open_devnet.url) for _ in range(3)]
 
 
-@pytest.fixture
-def shared_redis() -> Iterator[EmbeddedRedis]:
-    with EmbeddedRedis(short_tempdir()) as server:
-        yield server
-
-
 def test_run_without_attestation_prints_the_exact_error(devnet: DevnetIcl) -> None:
     node = make_node(devnet.url, attest=False)
     result = node.invoke("run")
@@ -86,9 +80,7 @@ def test_two_embedded_nodes_each_fire_the_four_loops(
     """Two `run`s with different config paths side by side, each with its own Redis."""
     nodes = [make_node(devnet.url), make_node(devnet.url)]
     # A re-attest window longer than the certificate makes every watchdog tick re-attest.
-    runs = [
-        processes.start(node, "run", BLF_REATTEST_WITHIN_S="999999", **FAST) for node in nodes
-    ]
+    runs = [processes.start(node, "run", BLF_REATTEST_WITHIN_S="999999", **FAST) for node in nodes]
     for node, run in zip(nodes, runs, strict=True):
         run.wait_for(r"\[INFO   \] \[0x[0-9a-fA-F]{8}\] Daemon starting \.\.\.")
         record = lambda n=node: node_record(devnet, n.address)  # noqa: E731
