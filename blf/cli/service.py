@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import socket
 import sys
+import warnings
 
 import click
+from celery.exceptions import SecurityWarning
 
 from blf.app import app, configure, control_queue, model_queue
 from blf.config import LoadedConfig
@@ -90,6 +94,7 @@ def worker(role: str, with_beat: bool, concurrency: int | None, password_stdin: 
         raise ConfigError(f"{loaded.path}: no supported_model_ids, so no inference queue to serve")
     configure(settings)
     configure_logging(address, settings.log_level)
+    _warn_if_root()
     control = role == "control"
     instance = app.Worker(
         hostname=f"{role}.{address[:10]}@{socket.gethostname()}",
@@ -105,6 +110,15 @@ def worker(role: str, with_beat: bool, concurrency: int | None, password_stdin: 
     )
     instance.start()
     sys.exit(instance.exitcode or 0)
+
+
+def _warn_if_root() -> None:
+    # Celery's own warning is a multi-line banner per worker; one line says the same.
+    warnings.filterwarnings("ignore", category=SecurityWarning)
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        logging.getLogger("blf.node").warning(
+            "Running as root: prefer a dedicated user (see the systemd example in the README)"
+        )
 
 
 @click.command()
