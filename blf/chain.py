@@ -26,6 +26,7 @@ from hexbytes import HexBytes
 from pydantic import BaseModel, ConfigDict
 from web3 import Web3
 from web3.exceptions import (
+    BadFunctionCallOutput,
     BadResponseFormat,
     ContractLogicError,
     ProviderConnectionError,
@@ -579,6 +580,11 @@ class ChainClient:
         except (requests.RequestException, ProviderConnectionError, OSError) as err:
             raise ChainError(
                 f"cannot reach chain RPC {self._display_url} ({what}): {_first_line(err)}"
+            ) from err
+        except BadFunctionCallOutput as err:
+            raise ChainError(
+                f"no NodeRegistry at {self.registry_address} on chain {self.chain_id} "
+                f"({what} returned nothing): check node_registry_address"
             ) from err
         except BadResponseFormat as err:
             raise ChainError(

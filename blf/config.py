@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import (
@@ -109,6 +110,16 @@ class Settings(BaseSettings):
         # The public node takes lists from the environment comma-separated.
         if isinstance(value, str):
             return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("icl_endpoint")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        # Caught here, once: a URL without a scheme would otherwise look like a transient
+        # connection failure to the ICL client, and be retried for ever.
+        parsed = urlsplit(value)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            raise ValueError(f"must be an http:// or https:// URL, not {value!r}")
         return value
 
     @field_validator("log_level")

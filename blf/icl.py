@@ -75,6 +75,12 @@ class Retry:
     backoff_max: float = 8.0
     jitter: bool = True
 
+    def __post_init__(self) -> None:
+        if self.attempts < 1:
+            raise ValueError(f"Retry.attempts must be at least 1, not {self.attempts}")
+        if self.backoff < 0 or self.backoff_max < 0:
+            raise ValueError("Retry.backoff and Retry.backoff_max must not be negative")
+
     def delay(self, attempt: int) -> float:
         capped = min(self.backoff * (2**attempt), self.backoff_max)
         return random.uniform(capped / 2, capped) if self.jitter else capped

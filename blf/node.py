@@ -20,7 +20,7 @@ from blf.attestation import BACKENDS, mock_key, mock_quote, runtime_hash
 from blf.chain import ChainClient
 from blf.config import LoadedConfig, Settings, load_config, update_config_file
 from blf.errors import AttestationError, ChainError, IclStatusError, WalletError
-from blf.icl import AttestationRequest, Certificate, IclClient
+from blf.icl import DEFAULT_RETRY, AttestationRequest, Certificate, IclClient, Retry
 from blf.wallet import load_account, read_password
 
 __all__ = ["Node", "open_node"]
@@ -50,8 +50,8 @@ class Node:
         """Re-read config.json: another process (the CLI, a peer worker) may have re-attested."""
         self.config = load_config(self.config.path)
 
-    def icl(self) -> IclClient:
-        return IclClient(self.settings.icl_endpoint, account=self.account)
+    def icl(self, *, retry: Retry = DEFAULT_RETRY) -> IclClient:
+        return IclClient(self.settings.icl_endpoint, account=self.account, retry=retry)
 
     def chain(self) -> ChainClient:
         settings = self.settings
@@ -84,6 +84,21 @@ class Node:
                 f"attestation backend {backend!r} is not available; only 'mock' (tier 0) is"
             )
         client = icl or self.icl()
+        try:
+            cert = self._attest_with(client, tee_key)
+        finally:
+            if icl is None:  # ours to close; a client passed in belongs to the caller
+                client.close()
+        self.save_certificate(cert)
+        log.info(
+            "Attested: tier %d, cert %s, expires in %ds",
+            cert.tier,
+            cert.cert_hash[:18],
+            cert.expiry - int(self.clock()),
+        )
+        return cert
+
+    def _attest_with(self, client: IclClient, tee_key: str | None) -> Certificate:
         challenge = client.challenge()
         request = AttestationRequest(
             node_address=self.address,
@@ -94,17 +109,9 @@ class Node:
             supported_model_ids=list(self.settings.supported_model_ids),
         )
         try:
-            cert = client.verify_attestation(request)
+            return client.verify_attestation(request)
         except IclStatusError as exc:
             raise AttestationError(f"ICL refused the attestation: {exc}") from None
-        self.save_certificate(cert)
-        log.info(
-            "Attested: tier %d, cert %s, expires in %ds",
-            cert.tier,
-            cert.cert_hash[:18],
-            cert.expiry - int(self.clock()),
-        )
-        return cert
 
     def save_certificate(self, cert: Certificate) -> None:
         fields = {

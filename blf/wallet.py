@@ -83,7 +83,11 @@ def keystore_address(path: Path) -> str | None:
     address = _read_keystore(path).get("address")
     if not address:
         return None
-    return to_checksum_address(address if str(address).startswith("0x") else f"0x{address}")
+    text = str(address)
+    try:
+        return to_checksum_address(text if text.startswith("0x") else f"0x{text}")
+    except ValueError:
+        raise WalletError(f"keystore {path} declares an invalid address {text!r}") from None
 
 
 def load_account(path: Path, password: str) -> LocalAccount:
@@ -94,6 +98,12 @@ def load_account(path: Path, password: str) -> LocalAccount:
         if "MAC mismatch" in str(exc):
             raise WrongPasswordError(f"wrong password for keystore {path}") from None
         raise WalletError(f"keystore {path} cannot be decrypted: {exc}") from None
+    # A malformed keystore (missing field, unknown KDF, wrong types) surfaces from
+    # eth-keyfile as KeyError or TypeError: still a broken keystore, not a crash.
+    except KeyError as exc:
+        raise WalletError(f"keystore {path} is not a valid v3 keystore: no {exc}") from None
+    except (TypeError, AttributeError) as exc:
+        raise WalletError(f"keystore {path} is not a valid v3 keystore: {exc}") from None
     account: LocalAccount = Account.from_key(key)
     return account
 

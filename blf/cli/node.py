@@ -7,24 +7,27 @@ import time
 from pathlib import Path
 
 import click
-from rich.console import Console
-from rich.table import Table
+from eth_utils import is_address, to_checksum_address
 
 from blf.attestation import BACKENDS
 from blf.config import (
     PUBLIC_ICL_ENDPOINT,
     LoadedConfig,
+    build_settings,
     load_config,
     resolve_config_path,
     write_new_config,
 )
 from blf.errors import BlfError
 from blf.gpu import detect_gpus
-from blf.icl import probe
+from blf.icl import Retry, probe
 from blf.node import Node, open_node
 from blf.wallet import PRIVATE_KEY_ENV, create_keystore, keystore_address, read_password
 
 KEYSTORE_NAME = "keystore.json"
+# An operator is waiting at the terminal and can rerun: one quick retry for a 5xx blip,
+# not the daemon's four attempts (about 3.5 s of backoff before a dead URL is reported).
+CLI_RETRY = Retry(attempts=2, backoff=0.5, backoff_max=0.5)
 
 
 def register(cli: click.Group) -> None:
@@ -100,11 +103,9 @@ def init(models: tuple[str, ...], icl_endpoint: str | None, force: bool) -> None
             f"a node already exists at {path.parent}; use --force to replace it "
             "(this discards its key unless BLF_PRIVATE_KEY re-imports it)"
         )
-    password = read_password(confirm=True)
-    address = create_keystore(keystore, password, os.environ.get(PRIVATE_KEY_ENV))
     gpus = detect_gpus()
     config = {
-        "node_address": address,
+        "node_address": "",
         "keystore_path": KEYSTORE_NAME,
         "tier": 0,
         "supported_model_ids": split_models(models),
@@ -116,6 +117,12 @@ def init(models: tuple[str, ...], icl_endpoint: str | None, force: bool) -> None
         "registered_on_chain": False,
         "gpus": gpus,
     }
+    # Check the config (with any BLF_* overrides) before a key exists: a bad value must not
+    # leave a keystore without a config.json behind, which the next init would refuse.
+    build_settings(config, path=path)
+    password = read_password(confirm=True)
+    address = create_keystore(keystore, password, os.environ.get(PRIVATE_KEY_ENV))
+    config["node_address"] = address
     write_new_config(path, config)
     click.echo(f"Node initialised in {path.parent}")
     click.echo(f"  Address : {address}")
@@ -150,8 +157,14 @@ def attest(mock: bool, tee_key: str | None, register_on_chain: bool) -> None:
         lines.append("  blindference-node attest --mock")
         click.echo("\n".join(lines))
         raise SystemExit(2)
-    node = open_node(load_with_warnings())
-    cert = node.attest(tee_key=tee_key)
+    loaded = load_with_warnings()
+    if register_on_chain:
+        from blf.cli.chain import require_rpc_url
+
+        require_rpc_url(loaded)  # fail before attesting, not after
+    node = open_node(loaded)
+    with node.icl(retry=CLI_RETRY) as client:
+        cert = node.attest(tee_key=tee_key, icl=client)
     expiry_text, _ = describe_expiry(cert.expiry)
     click.echo(f"Attested with {node.settings.icl_endpoint}")
     click.echo(f"  Address : {node.address}")
@@ -168,8 +181,10 @@ def attest(mock: bool, tee_key: str | None, register_on_chain: bool) -> None:
 
 
 def _node_address(loaded: LoadedConfig) -> str:
-    if loaded.settings.node_address:
-        return loaded.settings.node_address
+    configured = loaded.settings.node_address
+    if configured:
+        # Shown checksummed, as every path and body carries it (a public file may not be).
+        return str(to_checksum_address(configured)) if is_address(configured) else configured
     try:
         return keystore_address(loaded.keystore_file()) or "(unknown)"
     except BlfError:
@@ -184,9 +199,6 @@ def status() -> None:
     expiry_text, expiry_warning = describe_expiry(settings.attestation_expiry)
     reachable = probe(settings.icl_endpoint)
     icl_state = "answers" if reachable is None else f"does not answer: {reachable}"
-    table = Table(show_header=False, box=None, pad_edge=False)
-    table.add_column(style="bold")
-    table.add_column()
     rows = [
         ("Config", str(loaded.path)),
         ("Address", _node_address(loaded)),
@@ -198,15 +210,15 @@ def status() -> None:
         ("Broker", settings.broker_url or "embedded Redis (started by `run`)"),
         ("Chain", settings.rpc_url or "no rpc_url: on-chain duties off"),
     ]
+    # Plain aligned lines, not a rich table: a table folds long URLs and paths at 80 columns
+    # when stdout is not a terminal, which breaks copy-paste and grep.
     for name, value in rows:
-        table.add_row(name, value)
-    console = Console()
-    console.print(table)
+        click.echo(f"{name:<8} {value}")
     if expiry_warning:
         warn(f"{expiry_warning}: run `blindference-node attest --mock`")
     if settings.unknown_fields:
         unknown = ", ".join(settings.unknown_fields)
-        warn(f"config fields blf does not use (kept as they are): {unknown}")
+        warn(f"ignored config fields, unknown to blf (kept in the file as they are): {unknown}")
 
 
 # --- migrate -----------------------------------------------------------------------------
