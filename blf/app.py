@@ -68,12 +68,22 @@ def node_key(address: str, *parts: str) -> str:
     return ":".join(("blf", address.lower(), *parts))
 
 
+def visibility_timeout(settings: Settings) -> int:
+    """Seconds before kombu redelivers an unacknowledged job: longer than the longest job,
+    or a job still running would be handed to a second worker."""
+    return settings.job_timeout_s + min(VISIBILITY_MARGIN_S, settings.job_timeout_s)
+
+
 def build_conf(settings: Settings) -> dict[str, Any]:
     address = settings.node_address or "0x0"
     urls = broker_urls(settings.broker_url) if settings.broker_url else None
-    visibility = settings.job_timeout_s + VISIBILITY_MARGIN_S
+    visibility = visibility_timeout(settings)
     transport = {
         "visibility_timeout": visibility,
+        # Look for abandoned messages about ten times per visibility period, so a job whose
+        # worker died is back in its queue soon after the timeout rather than minutes later.
+        "unacked_restore_interval": min(max(visibility // 10, 1), 10),
+        "unacked_restore_throttle": 1,
         # kombu's own keys (unacked, bindings) would otherwise be shared between nodes.
         "global_keyprefix": node_key(address) + ":",
     }

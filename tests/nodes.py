@@ -6,6 +6,7 @@ every wait polls a condition with a deadline instead of sleeping a fixed time.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -14,6 +15,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,8 +23,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from click.testing import CliRunner, Result
+from starlette.requests import Request
 
 from blf.cli import cli
+from blf.devnet.icl import DevnetIcl
 
 PASSWORD = "correct horse battery staple"
 T = TypeVar("T")
@@ -109,6 +113,22 @@ def make_node(
         result = node.invoke("attest", "--mock")
         assert result.exit_code == 0, result.output
     return node
+
+
+class ClaimGate:
+    """Holds every claim request to a devnet ICL until released, counting arrivals, so a
+    test can act (signal, kill) while a job task is provably mid-claim."""
+
+    def __init__(self, devnet: DevnetIcl, *, hold_s: float = 60.0) -> None:
+        self.arrivals = 0
+        self.release = threading.Event()
+
+        @devnet.app.middleware("http")
+        async def hold(request: Request, call_next: Callable[[Request], Any]) -> Any:
+            if request.url.path == "/internal/task/claim":
+                self.arrivals += 1
+                await asyncio.to_thread(self.release.wait, hold_s)
+            return await call_next(request)
 
 
 class NodeProcess:

@@ -3,23 +3,19 @@ subprocesses, the devnet ICL over HTTP. Intervals are shortened through BLF_* ov
 
 from __future__ import annotations
 
-import asyncio
 import re
 import signal
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import redis
 import requests
-from starlette.requests import Request
-from starlette.responses import Response
 
 from blf.broker import EmbeddedRedis
 from blf.devnet.icl import DevnetIcl
-from tests.nodes import NodeDir, Processes, make_node, wait_until
+from tests.nodes import ClaimGate, NodeDir, Processes, make_node, wait_until
 
 FAST = {
     "BLF_HEARTBEAT_INTERVAL_S": "1",
@@ -30,8 +26,9 @@ FAST = {
 
 
 def node_record(devnet: DevnetIcl, address: str) -> dict[str, Any]:
+    """The devnet's record of a node; empty while the devnet does not know it."""
     nodes = requests.get(f"{devnet.url}/admin/nodes", timeout=5).json()["nodes"]
-    return next(n for n in nodes if n["address"] == address)
+    return next((n for n in nodes if n["address"] == address), {})
 
 
 def job_record(devnet: DevnetIcl, job_id: str) -> dict[str, Any]:
@@ -157,28 +154,18 @@ def test_second_beat_stays_idle_and_takes_over_after_kill(
 def test_sigterm_waits_for_the_running_job_then_sends_a_final_heartbeat(
     processes: Processes,
 ) -> None:
-    entered, release = threading.Event(), threading.Event()
     devnet = DevnetIcl(verifiers_wait_for_leader=False)
-
-    @devnet.app.middleware("http")
-    async def hold_claims(request: Request, call_next: Callable[[Request], Any]) -> Response:
-        if request.url.path == "/internal/task/claim":
-            entered.set()
-            await asyncio.to_thread(release.wait, 30)
-        response: Response = await call_next(request)
-        return response
-
+    gate = ClaimGate(devnet)
     with devnet:
-        nodes = [make_node(devnet.url) for _ in range(3)]
-        node = nodes[0]
+        node, *_verifiers = (make_node(devnet.url) for _ in range(3))
         run = processes.start(node, "run", **FAST)
         run.wait_for("Daemon starting")
         job = submit_job(devnet)
-        assert entered.wait(30), run.output()
+        wait_until(lambda: gate.arrivals, what="the claim to arrive")
         run.signal(signal.SIGTERM)
         run.wait_for("Shutting down")
         released_at = time.time()
-        release.set()
+        gate.release.set()
         assert run.wait(60) == 0, run.output()
         record = job_record(devnet, job["jobId"])
         assert record["claims"][node.address] == 1
@@ -187,6 +174,37 @@ def test_sigterm_waits_for_the_running_job_then_sends_a_final_heartbeat(
     assert out.index("claimed") < out.index("Final heartbeat sent to ICL"), out
     assert any(beat >= released_at for beat in heartbeats), "no heartbeat after the job"
     assert "Embedded Redis stopped" in out
+
+
+def test_forgotten_node_reattests_and_expired_cert_renews_at_start(
+    devnet: DevnetIcl, processes: Processes
+) -> None:
+    node = make_node(devnet.url)
+    node.set_config(attestation_expiry=int(time.time()) - 60)
+    run = processes.start(node, "run", **FAST)
+    run.wait_for("re-attesting")
+    run.wait_for("Attested: tier 0")
+    assert node.config()["attestation_expiry"] > time.time()
+    wait_until(lambda: node_record(devnet, node.address)["polls"] >= 1, what="first poll")
+    # The ICL restarts and forgets every node: the next poll gets 404 and must re-attest.
+    requests.post(f"{devnet.url}/admin/reset", timeout=5).raise_for_status()
+    run.wait_for("ICL does not know node")
+    wait_until(lambda: node_record(devnet, node.address).get("polls", 0) >= 2, what="re-polls")
+    run.signal(signal.SIGTERM)
+    assert run.wait() == 0
+
+
+def test_heartbeat_failure_is_a_warning_not_a_crash(
+    devnet: DevnetIcl, processes: Processes
+) -> None:
+    node = make_node(devnet.url)
+    run = processes.start(node, "run", **FAST)
+    run.wait_for("Daemon starting")
+    devnet.stop()
+    run.wait_for(r"\[WARNING\] .* Heartbeat failed: ICL unreachable")
+    assert run.process.poll() is None
+    run.signal(signal.SIGTERM)
+    assert run.wait() == 0
 
 
 def test_two_nodes_share_one_redis_without_crossing(

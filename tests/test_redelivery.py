@@ -1,0 +1,62 @@
+"""A job task whose worker is killed is redelivered, not lost; one that keeps killing its
+workers is failed after `max_job_deliveries` instead of looping for ever."""
+
+from __future__ import annotations
+
+import redis
+import requests
+
+from blf.app import app, configure, node_key
+from blf.broker import EmbeddedRedis
+from blf.config import load_config
+from blf.devnet.icl import DevnetIcl
+from tests.nodes import ClaimGate, NodeDir, NodeProcess, Processes, make_node, wait_until
+
+
+def start_control_worker(processes: Processes, node: NodeDir, broker: str) -> NodeProcess:
+    worker = processes.start(
+        node,
+        "worker",
+        "--role",
+        "control",
+        BLF_BROKER_URL=broker,
+        BLF_JOB_TIMEOUT_S="2",  # visibility timeout 4 s: redelivery comes quickly
+        BLF_MAX_JOB_DELIVERIES="2",
+    )
+    worker.wait_for(r"ready\.")
+    return worker
+
+
+def test_killed_worker_job_is_redelivered_then_failed_after_max_deliveries(
+    processes: Processes, shared_redis: EmbeddedRedis
+) -> None:
+    devnet = DevnetIcl(verifiers_wait_for_leader=False)
+    gate = ClaimGate(devnet)
+    broker = shared_redis.urls.celery
+    with devnet:
+        node, *_verifiers = (make_node(devnet.url) for _ in range(3))
+        first = start_control_worker(processes, node, broker)
+        body = {
+            "modelId": "test-model",
+            "promptCid": "bafkreid7af5y3qsyl5srccaxtbhtmcv4exvdushxrobpqyphzflgtz2fyu",
+            "kpHighHandle": 1,
+            "kpLowHandle": 2,
+            "userAddress": "0x000000000000000000000000000000000000dEaD",
+        }
+        job_id = requests.post(f"{devnet.url}/admin/jobs", json=body, timeout=5).json()["jobId"]
+        configure(load_config(node.config_path).settings.model_copy(update={"broker_url": broker}))
+        app.send_task("blf.tasks.loops.poll_assignments")
+
+        wait_until(lambda: gate.arrivals == 1, what="first delivery mid-claim")
+        first.kill()
+        second = start_control_worker(processes, node, broker)
+        wait_until(lambda: gate.arrivals == 2, what="redelivery after the worker died")
+        second.kill()
+        third = start_control_worker(processes, node, broker)
+        third.wait_for("aborted after 2 deliveries")
+        gate.release.set()
+
+    client = redis.Redis.from_url(shared_redis.urls.redis, decode_responses=True)
+    record = client.hgetall(node_key(node.address, "job", job_id))
+    assert record["state"] == "failed", record
+    assert gate.arrivals == 2
