@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import stat
 import time
@@ -16,7 +17,7 @@ from eth_account import Account
 from eth_account.signers.local import LocalAccount
 
 from blf.devnet.icl import DevnetIcl
-from tests.nodes import PASSWORD, NodeDir
+from tests.nodes import PASSWORD, NodeDir, Processes, short_tempdir, wait_until
 
 MODELS = ["qwen2.5-7b", "llama-3.1-8b"]
 UNKNOWN = "operator_note"
@@ -375,3 +376,18 @@ def test_migrate_from_a_directory_without_config(tmp_path: Path, public: NodeDir
     assert result.exit_code == 2
     assert str(empty / "config.json") in error_line(result)
     assert list(empty.iterdir()) == []
+
+
+def test_run_starts_and_heartbeats_on_the_public_files(
+    account: LocalAccount, keystore: dict[str, Any], devnet: DevnetIcl, processes: Processes
+) -> None:
+    node = write_public_node(short_tempdir(), account, keystore)
+    env = {"BLF_CONFIG_PATH": "", "BLF_CONFIG_DIR": str(node.root), "BLF_ICL_ENDPOINT": devnet.url}
+    assert node.invoke("attest", "--mock", env=env).exit_code == 0
+    before = node.config()
+    run = processes.start(node, "run", BLF_HEARTBEAT_INTERVAL_S="1", **env)
+    run.wait_for("Daemon starting")
+    wait_until(lambda: len(devnet_node(devnet, account.address)["heartbeats"]) >= 2)
+    run.signal(signal.SIGTERM)
+    assert run.wait() == 0, run.output()
+    assert node.config() == before  # the override and the run left the file as it was
