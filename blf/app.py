@@ -106,7 +106,7 @@ def build_conf(settings: Settings) -> dict[str, Any]:
         "worker_cancel_long_running_tasks_on_connection_loss": True,
         "worker_hijack_root_logger": False,
         "task_default_queue": control_queue(address),
-        "task_routes": (route_task,),
+        "task_routes": (TaskRouter(address),),
         "task_time_limit": settings.job_timeout_s,
         "control_exchange": namespace(address),
         "event_exchange": namespace(address) + ".ev",
@@ -125,17 +125,22 @@ def build_conf(settings: Settings) -> dict[str, Any]:
     return conf
 
 
-def route_task(
-    name: str, args: Any, kwargs: Any, options: Any, task: Any = None, **_: Any
-) -> dict[str, str]:
-    address = app.conf.blf_address
-    if name in CONTROL_TASKS:
-        return {"queue": control_queue(address)}
-    model_id = (kwargs or {}).get("model_id")
-    if model_id:
-        return {"queue": model_queue(address, model_id)}
-    log.warning("task %s has no route; sending it to the control queue", name)
-    return {"queue": control_queue(address)}
+class TaskRouter:
+    """Control tasks to the node's control queue, model tasks to their model's queue."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+
+    def __call__(
+        self, name: str, args: Any, kwargs: Any, options: Any, task: Any = None, **_: Any
+    ) -> dict[str, str]:
+        if name in CONTROL_TASKS:
+            return {"queue": control_queue(self.address)}
+        model_id = (kwargs or {}).get("model_id")
+        if model_id:
+            return {"queue": model_queue(self.address, model_id)}
+        log.warning("task %s has no route; sending it to the control queue", name)
+        return {"queue": control_queue(self.address)}
 
 
 def configure(settings: Settings, target: Celery = app) -> Celery:

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -22,10 +23,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import requests
+from celery import Celery
 from click.testing import CliRunner, Result
 from starlette.requests import Request
 
+from blf.app import configure
 from blf.cli import cli
+from blf.config import load_config
 from blf.devnet.icl import DevnetIcl
 
 PASSWORD = "correct horse battery staple"
@@ -215,3 +220,78 @@ def _kill_descendants_of(root: Path) -> None:
         if marker in environ.split(b"\0") and int(entry.name) != os.getpid():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(int(entry.name), signal.SIGKILL)
+
+
+# --- one-line CLI results -----------------------------------------------------------------
+
+
+def error_line(result: Result) -> str:
+    """The command failed with exactly one ``Error: ...`` line and no traceback."""
+    assert "Traceback" not in result.output
+    lines = result.stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith("Error: ")]
+    assert len(errors) == 1, result.output
+    assert errors == lines[-1:], result.output
+    return errors[0]
+
+
+def status_rows(result: Result) -> dict[str, str]:
+    """``status`` output as {name: value}."""
+    rows = {}
+    for line in result.stdout.splitlines():
+        name, _, value = line.partition(" ")
+        rows[name] = value.strip()
+    return rows
+
+
+def closed_port_url() -> str:
+    """A loopback URL where nothing listens."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+# --- the devnet ICL's admin API -------------------------------------------------------------
+
+PROMPT_CID = "bafkreid7af5y3qsyl5srccaxtbhtmcv4exvdushxrobpqyphzflgtz2fyu"
+
+
+def devnet_nodes(url: str) -> dict[str, dict[str, Any]]:
+    nodes = requests.get(url + "/admin/nodes", timeout=10).json()["nodes"]
+    return {n["address"]: n for n in nodes}
+
+
+def devnet_node(url: str, address: str) -> dict[str, Any]:
+    """The devnet's record of a node; empty while the devnet does not know it."""
+    return devnet_nodes(url).get(address, {})
+
+
+def devnet_job(url: str, job_id: str) -> dict[str, Any]:
+    return dict(requests.get(f"{url}/admin/jobs/{job_id}", timeout=10).json())
+
+
+def submit_job(url: str, model: str = "test-model", **fields: Any) -> dict[str, Any]:
+    body = {
+        "modelId": model,
+        "promptCid": PROMPT_CID,
+        "kpHighHandle": 11,
+        "kpLowHandle": 22,
+        "userAddress": "0x000000000000000000000000000000000000dEaD",
+        **fields,
+    }
+    answer = requests.post(url + "/admin/jobs", json=body, timeout=10)
+    assert answer.status_code == 200, answer.text
+    return dict(answer.json())
+
+
+def send_tasks(node: NodeDir, broker: str, name: str, count: int = 1) -> None:
+    """Send tasks as the node's beat would, through a Celery app of the test's own (the
+    module-level app would keep a pool to whatever broker an earlier test used)."""
+    settings = load_config(node.config_path).settings.model_copy(update={"broker_url": broker})
+    sender = configure(settings, target=Celery("blf-test", set_as_current=False))
+    try:
+        for _ in range(count):
+            sender.send_task(name)
+    finally:
+        sender.close()

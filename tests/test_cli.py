@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import socket
 import stat
 import time
 from collections.abc import Iterator
@@ -13,13 +12,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import requests
 from click.testing import Result
 from eth_account import Account
 
 from blf.config import PUBLIC_ICL_ENDPOINT
 from blf.devnet.icl import DevnetIcl
-from tests.nodes import PASSWORD, NodeDir, short_tempdir
+from tests.nodes import (
+    PASSWORD,
+    NodeDir,
+    closed_port_url,
+    devnet_nodes,
+    error_line,
+    short_tempdir,
+    status_rows,
+)
 
 MODEL = "test-model"
 CERT_HASH = "0x" + "ab" * 32
@@ -53,38 +59,8 @@ def fresh(tmp_path: Path) -> NodeDir:
     return NodeDir(tmp_path / "fresh")
 
 
-def closed_port_url() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
-
-
 def mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
-
-
-def error_line(result: Result) -> str:
-    """The command failed with exactly one ``Error: ...`` line and no traceback."""
-    assert "Traceback" not in result.output
-    lines = result.stderr.strip().splitlines()
-    errors = [line for line in lines if line.startswith("Error: ")]
-    assert len(errors) == 1, result.output
-    assert errors == lines[-1:], result.output
-    return errors[0]
-
-
-def registered(devnet: DevnetIcl) -> dict[str, dict[str, Any]]:
-    nodes = requests.get(devnet.url + "/admin/nodes", timeout=10).json()["nodes"]
-    return {n["address"]: n for n in nodes}
-
-
-def status_rows(result: Result) -> dict[str, str]:
-    rows = {}
-    for line in result.stdout.splitlines():
-        name, _, value = line.partition(" ")
-        rows[name] = value.strip()
-    return rows
 
 
 # --------------------------------------------------------------------------- init
@@ -271,7 +247,7 @@ def test_bad_environment_value_names_the_variable(
 def attested_ok(node: NodeDir, devnet: DevnetIcl, result: Result) -> dict[str, Any]:
     assert result.exit_code == 0, result.output
     config = node.config()
-    record = registered(devnet)[node.address]
+    record = devnet_nodes(devnet.url)[node.address]
     assert config["attestation_cert_hash"] == record["certHash"]
     assert config["attestation_expiry"] == record["expiry"]
     assert config["tier"] == record["tier"] == 0
@@ -320,7 +296,7 @@ def test_attest_with_the_wrong_key_is_refused(
         assert "refused the attestation" in line
         assert "401" in line and "MOCK_ATTESTATION_KEY" in line
         assert node.config_path.read_bytes() == before
-        assert registered(devnet) == {}
+        assert devnet_nodes(devnet.url) == {}
 
 
 def test_attest_without_a_backend_explains_the_backends(node: NodeDir, devnet: DevnetIcl) -> None:
@@ -331,7 +307,7 @@ def test_attest_without_a_backend_explains_the_backends(node: NodeDir, devnet: D
         assert backend in result.output
     assert "attest --mock" in result.output
     assert node.config_path.read_bytes() == before
-    assert registered(devnet) == {}
+    assert devnet_nodes(devnet.url) == {}
 
 
 def test_attest_with_an_unreachable_icl_names_the_url(node: NodeDir) -> None:
@@ -357,7 +333,7 @@ def test_reattest_replaces_the_certificate(node: NodeDir, devnet: DevnetIcl) -> 
     first = attested_ok(node, devnet, node.invoke("attest", "--mock"))
     second = attested_ok(node, devnet, node.invoke("attest", "--mock"))
     assert second["attestation_cert_hash"] != first["attestation_cert_hash"]
-    assert registered(devnet)[node.address]["attestations"] == 2
+    assert devnet_nodes(devnet.url)[node.address]["attestations"] == 2
 
 
 # --------------------------------------------------------------------------- status

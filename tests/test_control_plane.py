@@ -7,7 +7,6 @@ import re
 import signal
 import time
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 import redis
@@ -15,37 +14,25 @@ import requests
 
 from blf.broker import EmbeddedRedis
 from blf.devnet.icl import DevnetIcl
-from tests.nodes import ClaimGate, NodeDir, Processes, make_node, wait_until
+from tests.nodes import (
+    ClaimGate,
+    NodeDir,
+    Processes,
+    devnet_job,
+    devnet_node,
+    make_node,
+    send_tasks,
+    submit_job,
+    wait_until,
+)
 
+POLL = "blf.tasks.loops.poll_assignments"
 FAST = {
     "BLF_HEARTBEAT_INTERVAL_S": "1",
     "BLF_POLL_INTERVAL_S": "0.5",
     "BLF_WATCHDOG_INTERVAL_S": "1",
     "BLF_CHAIN_HEARTBEAT_CHECK_S": "1",
 }
-
-
-def node_record(devnet: DevnetIcl, address: str) -> dict[str, Any]:
-    """The devnet's record of a node; empty while the devnet does not know it."""
-    nodes = requests.get(f"{devnet.url}/admin/nodes", timeout=5).json()["nodes"]
-    return next((n for n in nodes if n["address"] == address), {})
-
-
-def job_record(devnet: DevnetIcl, job_id: str) -> dict[str, Any]:
-    return dict(requests.get(f"{devnet.url}/admin/jobs/{job_id}", timeout=5).json())
-
-
-def submit_job(devnet: DevnetIcl, model: str = "test-model") -> dict[str, Any]:
-    body = {
-        "modelId": model,
-        "promptCid": "bafkreid7af5y3qsyl5srccaxtbhtmcv4exvdushxrobpqyphzflgtz2fyu",
-        "kpHighHandle": 11,
-        "kpLowHandle": 22,
-        "userAddress": "0x000000000000000000000000000000000000dEaD",
-    }
-    answer = requests.post(f"{devnet.url}/admin/jobs", json=body, timeout=5)
-    assert answer.status_code == 200, answer.text
-    return dict(answer.json())
 
 
 @pytest.fixture
@@ -80,7 +67,7 @@ def test_two_embedded_nodes_each_fire_the_four_loops(
     runs = [processes.start(node, "run", BLF_REATTEST_WITHIN_S="999999", **FAST) for node in nodes]
     for node, run in zip(nodes, runs, strict=True):
         run.wait_for(r"\[INFO   \] \[0x[0-9a-fA-F]{8}\] Daemon starting \.\.\.")
-        record = lambda n=node: node_record(devnet, n.address)  # noqa: E731
+        record = lambda n=node: devnet_node(devnet.url, n.address)  # noqa: E731
         wait_until(lambda r=record: len(r()["heartbeats"]) >= 4, what="heartbeats")
         wait_until(lambda r=record: r()["polls"] >= 6, what="polls")
         wait_until(lambda r=record: r()["attestations"] >= 3, what="watchdog re-attests")
@@ -106,27 +93,22 @@ def test_job_is_claimed_and_enqueued_once_with_racing_pollers(
     ]
     for worker in workers:
         worker.wait_for(r"ready\.")
-    job = submit_job(open_devnet)
+    job = submit_job(open_devnet.url)
     # Many poll ticks at once, over two workers with four threads each: a race if any.
-    from blf.app import app, configure
-    from blf.config import load_config
-
-    settings = load_config(node.config_path).settings.model_copy(update={"broker_url": broker})
-    configure(settings)
-    for _ in range(16):
-        app.send_task("blf.tasks.loops.poll_assignments")
-    wait_until(lambda: job_record(open_devnet, job["jobId"])["claims"][node.address] >= 1)
+    send_tasks(node, broker, POLL, count=16)
+    wait_until(lambda: devnet_job(open_devnet.url, job["jobId"])["claims"][node.address] >= 1)
     log_of = lambda: "".join(w.output() for w in workers)  # noqa: E731
     wait_until(lambda: "claimed" in log_of(), what="claim log")
     # Further polls still see the job listed; none may claim or enqueue it again.
-    polls_before = job_record(open_devnet, job["jobId"])["polls"][node.address]
-    for _ in range(8):
-        app.send_task("blf.tasks.loops.poll_assignments")
+    polls_before = devnet_job(open_devnet.url, job["jobId"])["polls"][node.address]
+    send_tasks(node, broker, POLL, count=8)
     wait_until(
-        lambda: job_record(open_devnet, job["jobId"])["polls"][node.address] >= polls_before + 8,
+        lambda: (
+            devnet_job(open_devnet.url, job["jobId"])["polls"][node.address] >= polls_before + 8
+        ),
         what="more polls",
     )
-    assert job_record(open_devnet, job["jobId"])["claims"][node.address] == 1
+    assert devnet_job(open_devnet.url, job["jobId"])["claims"][node.address] == 1
     text = log_of()
     assert text.count(f"job {job['jobId'][:8]}") == 1, text
     assert text.count("claimed") == 1, text
@@ -160,16 +142,16 @@ def test_sigterm_waits_for_the_running_job_then_sends_a_final_heartbeat(
         node, *_verifiers = (make_node(devnet.url) for _ in range(3))
         run = processes.start(node, "run", **FAST)
         run.wait_for("Daemon starting")
-        job = submit_job(devnet)
+        job = submit_job(devnet.url)
         wait_until(lambda: gate.arrivals, what="the claim to arrive")
         run.signal(signal.SIGTERM)
         run.wait_for("Shutting down")
         released_at = time.time()
         gate.release.set()
         assert run.wait(60) == 0, run.output()
-        record = job_record(devnet, job["jobId"])
+        record = devnet_job(devnet.url, job["jobId"])
         assert record["claims"][node.address] == 1
-        heartbeats = node_record(devnet, node.address)["heartbeats"]
+        heartbeats = devnet_node(devnet.url, node.address)["heartbeats"]
     out = run.output()
     assert out.index("claimed") < out.index("Final heartbeat sent to ICL"), out
     assert any(beat >= released_at for beat in heartbeats), "no heartbeat after the job"
@@ -185,11 +167,11 @@ def test_forgotten_node_reattests_and_expired_cert_renews_at_start(
     run.wait_for("re-attesting")
     run.wait_for("Attested: tier 0")
     assert node.config()["attestation_expiry"] > time.time()
-    wait_until(lambda: node_record(devnet, node.address)["polls"] >= 1, what="first poll")
+    wait_until(lambda: devnet_node(devnet.url, node.address)["polls"] >= 1, what="first poll")
     # The ICL restarts and forgets every node: the next poll gets 404 and must re-attest.
     requests.post(f"{devnet.url}/admin/reset", timeout=5).raise_for_status()
     run.wait_for("ICL does not know node")
-    wait_until(lambda: node_record(devnet, node.address).get("polls", 0) >= 2, what="re-polls")
+    wait_until(lambda: devnet_node(devnet.url, node.address).get("polls", 0) >= 2, what="re-polls")
     run.signal(signal.SIGTERM)
     assert run.wait() == 0
 
@@ -214,8 +196,8 @@ def test_two_nodes_share_one_redis_without_crossing(
     env = {"BLF_BROKER_URL": shared_redis.urls.celery, **FAST}
     runs = [processes.start(node, "run", **env) for node in (a, b)]
     for node in (a, b):
-        wait_until(lambda n=node: len(node_record(devnet, n.address)["heartbeats"]) >= 3)
-        wait_until(lambda n=node: node_record(devnet, n.address)["polls"] >= 3)
+        wait_until(lambda n=node: len(devnet_node(devnet.url, n.address)["heartbeats"]) >= 3)
+        wait_until(lambda n=node: devnet_node(devnet.url, n.address)["polls"] >= 3)
     client = redis.Redis.from_url(shared_redis.urls.redis, decode_responses=True)
     keys = set(client.keys("*"))
     for node in (a, b):

@@ -4,20 +4,27 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import stat
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-import requests
-from click.testing import Result
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 
 from blf.devnet.icl import DevnetIcl
-from tests.nodes import PASSWORD, NodeDir, Processes, short_tempdir, wait_until
+from tests.nodes import (
+    PASSWORD,
+    NodeDir,
+    Processes,
+    closed_port_url,
+    devnet_node,
+    error_line,
+    short_tempdir,
+    status_rows,
+    wait_until,
+)
 
 MODELS = ["qwen2.5-7b", "llama-3.1-8b"]
 UNKNOWN = "operator_note"
@@ -62,13 +69,6 @@ def keystore(account: LocalAccount) -> dict[str, Any]:
     # Written the way the public node writes it: eth-account's default KDF and parameters.
     encrypted: dict[str, Any] = Account.encrypt(account.key, PASSWORD)
     return encrypted
-
-
-def closed_port_url() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
 
 
 def public_config(address: str, **overrides: Any) -> dict[str, Any]:
@@ -126,27 +126,6 @@ def snapshot(root: Path) -> dict[str, tuple[bytes, int, int]]:
     }
 
 
-def status_rows(result: Result) -> dict[str, str]:
-    rows = {}
-    for line in result.stdout.splitlines():
-        name, _, value = line.partition(" ")
-        rows[name] = value.strip()
-    return rows
-
-
-def error_line(result: Result) -> str:
-    assert "Traceback" not in result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
-    return lines[0]
-
-
-def devnet_node(devnet: DevnetIcl, address: str) -> dict[str, Any]:
-    nodes = requests.get(devnet.url + "/admin/nodes", timeout=10).json()["nodes"]
-    [record] = [n for n in nodes if n["address"] == address]
-    return dict(record)
-
-
 # --------------------------------------------------------------------------- status
 
 
@@ -182,7 +161,7 @@ def test_comma_separated_models_from_the_environment(public: NodeDir, devnet: De
     assert status_rows(public.invoke("status", env=env))["Models"] == "a, b"
     result = public.invoke("attest", "--mock", env=env)
     assert result.exit_code == 0, result.output
-    assert devnet_node(devnet, public.address)["models"] == ["a", "b"]
+    assert devnet_node(devnet.url, public.address)["models"] == ["a", "b"]
     assert public.config()["supported_model_ids"] == MODELS  # an override is never written
 
 
@@ -196,7 +175,7 @@ def test_lowercase_node_address_is_accepted_and_shown_checksummed(
     assert status_rows(node.invoke("status", env=env))["Address"] == account.address
     result = node.invoke("attest", "--mock", env=env)
     assert result.exit_code == 0, result.output
-    assert devnet_node(devnet, account.address)["models"] == MODELS
+    assert devnet_node(devnet.url, account.address)["models"] == MODELS
     assert node.config()["node_address"] == account.address.lower()  # left as written
 
 
@@ -233,7 +212,7 @@ def test_attest_updates_only_the_attestation_fields(public: NodeDir, devnet: Dev
     assert f"Attested with {devnet.url}" in result.stdout
 
     after = public.config()
-    record = devnet_node(devnet, public.address)
+    record = devnet_node(devnet.url, public.address)
     assert record["models"] == MODELS
     assert {k: after[k] for k in ATTESTATION_FIELDS} == {
         "attestation_cert_hash": record["certHash"],
@@ -387,7 +366,7 @@ def test_run_starts_and_heartbeats_on_the_public_files(
     before = node.config()
     run = processes.start(node, "run", BLF_HEARTBEAT_INTERVAL_S="1", **env)
     run.wait_for("Daemon starting")
-    wait_until(lambda: len(devnet_node(devnet, account.address)["heartbeats"]) >= 2)
+    wait_until(lambda: len(devnet_node(devnet.url, account.address)["heartbeats"]) >= 2)
     run.signal(signal.SIGTERM)
     assert run.wait() == 0, run.output()
     assert node.config() == before  # the override and the run left the file as it was

@@ -4,13 +4,20 @@ workers is failed after `max_job_deliveries` instead of looping for ever."""
 from __future__ import annotations
 
 import redis
-import requests
 
-from blf.app import app, configure, node_key
+from blf.app import node_key
 from blf.broker import EmbeddedRedis
-from blf.config import load_config
 from blf.devnet.icl import DevnetIcl
-from tests.nodes import ClaimGate, NodeDir, NodeProcess, Processes, make_node, wait_until
+from tests.nodes import (
+    ClaimGate,
+    NodeDir,
+    NodeProcess,
+    Processes,
+    make_node,
+    send_tasks,
+    submit_job,
+    wait_until,
+)
 
 
 def start_control_worker(processes: Processes, node: NodeDir, broker: str) -> NodeProcess:
@@ -36,16 +43,8 @@ def test_killed_worker_job_is_redelivered_then_failed_after_max_deliveries(
     with devnet:
         node, *_verifiers = (make_node(devnet.url) for _ in range(3))
         first = start_control_worker(processes, node, broker)
-        body = {
-            "modelId": "test-model",
-            "promptCid": "bafkreid7af5y3qsyl5srccaxtbhtmcv4exvdushxrobpqyphzflgtz2fyu",
-            "kpHighHandle": 1,
-            "kpLowHandle": 2,
-            "userAddress": "0x000000000000000000000000000000000000dEaD",
-        }
-        job_id = requests.post(f"{devnet.url}/admin/jobs", json=body, timeout=5).json()["jobId"]
-        configure(load_config(node.config_path).settings.model_copy(update={"broker_url": broker}))
-        app.send_task("blf.tasks.loops.poll_assignments")
+        job_id = submit_job(devnet.url)["jobId"]
+        send_tasks(node, broker, "blf.tasks.loops.poll_assignments")
 
         wait_until(lambda: gate.arrivals == 1, what="first delivery mid-claim")
         first.kill()
