@@ -20,8 +20,7 @@ from celery.signals import setup_logging
 
 import beat_schedule
 from blf.broker import broker_urls
-from blf.config import Settings, load_config
-from blf.errors import ConfigError
+from blf.config import Settings, load_config, resolve_config_path
 from blf.logging import configure_logging
 
 __all__ = [
@@ -93,6 +92,9 @@ def build_conf(settings: Settings) -> dict[str, Any]:
         "result_backend": urls.celery if urls else None,
         "broker_transport_options": transport,
         "result_backend_transport_options": dict(transport),
+        # Task events feed Flower (`blindference-node flower`).
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
         "visibility_timeout": visibility,
         "broker_connection_retry_on_startup": True,
         "task_serializer": "json",
@@ -155,11 +157,12 @@ def _use_node_log_format(**_: Any) -> None:
 
 
 def _configure_from_environment() -> None:
-    try:
-        loaded = load_config()
-    except ConfigError:
-        return  # no node here (yet): the CLI configures explicitly, or worker start fails
-    configure(loaded.settings)
+    """For ``celery -A blf.app ...``: configure from the node's config.json when there is
+    one. A missing file is not an error here (the CLI configures explicitly); a broken one
+    is, or a worker would start against a default broker and fail obscurely."""
+    path, _ = resolve_config_path()
+    if path.exists():
+        configure(load_config(path).settings)
 
 
 _configure_from_environment()

@@ -208,3 +208,10 @@ def test_two_nodes_share_one_redis_without_crossing(
     for run in runs:
         run.signal(signal.SIGTERM)
         assert run.wait() == 0
+
+
+def test_flower_without_a_broker_says_what_to_start(devnet: DevnetIcl) -> None:
+    node = make_node(devnet.url, attest=False)
+    result = node.invoke("flower")
+    assert result.exit_code == 2
+    assert "start `blindference-node run` first, or set BLF_BROKER_URL" in result.output

@@ -11,7 +11,6 @@ import warnings
 import click
 from celery.exceptions import SecurityWarning
 
-from blf.app import app, configure, control_queue, model_queue
 from blf.config import LoadedConfig
 from blf.errors import ConfigError
 from blf.logging import configure_logging
@@ -21,7 +20,7 @@ NO_ATTESTATION = "Error: No attestation found. Run `blindference-node attest` fi
 
 
 def register(cli: click.Group) -> None:
-    for command in (run, worker, beat):
+    for command in (run, worker, beat, flower):
         cli.add_command(command)
 
 
@@ -76,6 +75,7 @@ def run() -> None:
 def worker(role: str, with_beat: bool, concurrency: int | None, password_stdin: bool) -> None:
     """Run one Celery worker of this node against its broker_url."""
     from blf import runtime
+    from blf.app import app, configure, control_queue, model_queue
 
     loaded = _loaded()
     _require_broker(loaded)
@@ -124,8 +124,37 @@ def _warn_if_root() -> None:
 @click.command()
 def beat() -> None:
     """Run only the beat scheduler; a RedBeat lock keeps it to one per node."""
+    from blf.app import app, configure
+
     loaded = _loaded()
     _require_broker(loaded)
     configure(loaded.settings)
     configure_logging(loaded.settings.node_address, loaded.settings.log_level)
     app.Beat(loglevel=loaded.settings.log_level).run()
+
+
+@click.command()
+@click.option("--port", default=5555, show_default=True, type=int, help="Port for the web UI.")
+@click.option("--address", default="127.0.0.1", show_default=True, help="Address to bind.")
+def flower(port: int, address: str) -> None:
+    """Monitor this node's workers and tasks in Flower (a web UI).
+
+    Uses broker_url, or the embedded Redis of a running `run` in this node directory.
+    """
+    from blf.broker import SOCKET_NAME, broker_urls
+
+    loaded = _loaded()
+    broker = loaded.settings.broker_url
+    if not broker:
+        socket_path = loaded.directory / SOCKET_NAME
+        if not socket_path.exists():
+            raise ConfigError(
+                f"no broker_url and no embedded Redis at {socket_path}: start "
+                "`blindference-node run` first, or set BLF_BROKER_URL"
+            )
+        broker = f"unix://{socket_path}"
+    env = dict(os.environ, BLF_CONFIG_PATH=str(loaded.path))
+    env["BLF_BROKER_URL"] = broker_urls(broker).celery
+    command = [sys.executable, "-m", "celery", "-A", "blf.app", "flower"]
+    command += [f"--port={port}", f"--address={address}"]
+    os.execve(sys.executable, command, env)
