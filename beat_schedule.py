@@ -1,10 +1,10 @@
 """The node's periodic duties: the one place the schedule lives (protocol.md section 6).
 
 Every entry expires after one period, so a slow ICL drops a missed tick instead of
-piling polls up. The 10-day on-chain heartbeat is not left to beat's own timer: an
-interval entry first fires one period after beat starts, so a beat restarted more often
-than every 10 days would never send it. It runs as a frequent "is it due?" check against
-the chain's own record of the last heartbeat instead.
+piling polls up. An interval entry first fires one period after beat starts, so a beat
+restarted more often than a period would never run it: each duty therefore also runs once
+whenever beat starts (see ``blf.app``), and the 10-day on-chain heartbeat is a frequent
+"is it due?" check against the chain's own record of the last heartbeat.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from datetime import timedelta
 from typing import Any
 
 from celery import Celery
-from celery.signals import setup_logging
+from celery.signals import beat_init, setup_logging
 
 import beat_schedule
 from blf.broker import broker_urls
@@ -148,6 +148,15 @@ class TaskRouter:
 def configure(settings: Settings, target: Celery = app) -> Celery:
     target.conf.update(build_conf(settings))
     return target
+
+
+@beat_init.connect
+def _run_every_duty_once_at_start(sender: Any = None, **_: Any) -> None:
+    # An interval entry first fires one period after beat starts, so a beat restarted more
+    # often than a period would never run it. Every duty is idempotent: run each once now.
+    target = getattr(sender, "app", None) or app
+    for entry in target.conf.beat_schedule.values():
+        target.send_task(entry["task"], **entry.get("options", {}))
 
 
 @setup_logging.connect

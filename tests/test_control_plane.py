@@ -215,3 +215,27 @@ def test_flower_without_a_broker_says_what_to_start(devnet: DevnetIcl) -> None:
     result = node.invoke("flower")
     assert result.exit_code == 2
     assert "start `blindference-node run` first, or set BLF_BROKER_URL" in result.output
+
+
+def test_beat_runs_every_duty_once_when_it_starts(
+    devnet: DevnetIcl, processes: Processes, shared_redis: EmbeddedRedis
+) -> None:
+    """Interval entries first fire one period after beat starts: a beat restarted more
+    often than that must still run each duty, so each runs once at start."""
+    node = make_node(devnet.url)
+    hourly = {
+        name: "3600"
+        for name in (
+            "BLF_HEARTBEAT_INTERVAL_S",
+            "BLF_POLL_INTERVAL_S",
+            "BLF_WATCHDOG_INTERVAL_S",
+            "BLF_CHAIN_HEARTBEAT_CHECK_S",
+        )
+    }
+    env = {"BLF_BROKER_URL": shared_redis.urls.celery, **hourly}
+    worker = processes.start(node, "worker", "--role", "control", **env)
+    worker.wait_for(r"ready\.")
+    processes.start(node, "beat", **env)
+    wait_until(lambda: devnet_node(devnet.url, node.address)["polls"] >= 1, what="a poll")
+    wait_until(lambda: devnet_node(devnet.url, node.address)["heartbeats"], what="a heartbeat")
+    worker.wait_for("On-chain heartbeat disabled")
