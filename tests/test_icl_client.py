@@ -35,6 +35,7 @@ from blf.icl import (
     Verdict,
     parse_handle,
 )
+from tests.nodes import submit_job as submit_devnet_job
 
 MODEL = "test-model"
 HANDLE_HIGH = 0x1F
@@ -102,17 +103,7 @@ def verdict(client: IclClient, job_id: str, commitment: str, word: str) -> Verdi
 
 
 def submit_job(url: str) -> dict[str, Any]:
-    payload = {
-        "modelId": MODEL,
-        "promptCid": "bafyprompt",
-        "kpHighHandle": HANDLE_HIGH,
-        "kpLowHandle": HANDLE_LOW,
-        "userAddress": Account.create().address,
-    }
-    response = requests.post(url + "/admin/jobs", json=payload, timeout=10)
-    assert response.status_code == 200, response.text
-    job: dict[str, Any] = response.json()
-    return job
+    return submit_devnet_job(url, MODEL, kpHighHandle=HANDLE_HIGH, kpLowHandle=HANDLE_LOW)
 
 
 class TamperingSession(requests.Session):
