@@ -14,13 +14,15 @@ from __future__ import annotations
 import logging
 from datetime import timedelta
 from typing import Any
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from celery import Celery
-from celery.signals import beat_init, setup_logging
+from celery.signals import setup_logging
 
 import beat_schedule
 from blf.broker import broker_urls
-from blf.config import Settings, load_config, resolve_config_path
+from blf.config import LoadedConfig, Settings, load_config, resolve_config_path
+from blf.errors import ConfigError
 from blf.logging import configure_logging
 
 __all__ = [
@@ -73,19 +75,45 @@ def visibility_timeout(settings: Settings) -> int:
     return settings.job_timeout_s + min(VISIBILITY_MARGIN_S, settings.job_timeout_s)
 
 
-def build_conf(settings: Settings) -> dict[str, Any]:
-    address = settings.node_address or "0x0"
-    urls = broker_urls(settings.broker_url) if settings.broker_url else None
+def transport_options(settings: Settings) -> dict[str, Any]:
+    """kombu's Redis transport options; every kombu connection of the node uses them."""
     visibility = visibility_timeout(settings)
-    transport = {
+    return {
         "visibility_timeout": visibility,
         # Look for abandoned messages about ten times per visibility period, so a job whose
         # worker died is back in its queue soon after the timeout rather than minutes later.
         "unacked_restore_interval": min(max(visibility // 10, 1), 10),
         "unacked_restore_throttle": 1,
         # kombu's own keys (unacked, bindings) would otherwise be shared between nodes.
-        "global_keyprefix": node_key(address) + ":",
+        "global_keyprefix": node_key(settings.node_address) + ":",
     }
+
+
+def _redbeat_connection(redis_url: str) -> tuple[str, dict[str, Any]]:
+    """RedBeat's URL without credentials, which go in its options instead: Celery masks
+    passwords in option dicts (``celery inspect conf``, Flower) but not in that URL."""
+    parts = urlsplit(redis_url)
+    options: dict[str, Any] = {"retry_period": 30}  # ride out a Redis blip, not die on it
+    if parts.password is None and parts.username is None:
+        return redis_url, options
+    if parts.username:
+        options["username"] = unquote(parts.username)
+    if parts.password is not None:
+        options["password"] = unquote(parts.password)
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit(parts._replace(netloc=netloc)), options
+
+
+def build_conf(settings: Settings) -> dict[str, Any]:
+    address = settings.node_address
+    if not address:
+        raise ConfigError(
+            "node_address is empty: set it to the operator address", field="node_address"
+        )
+    urls = broker_urls(settings.broker_url) if settings.broker_url else None
+    transport = transport_options(settings)
+    redbeat_url, redbeat_options = _redbeat_connection(urls.redis) if urls else (None, {})
     loop = min(settings.poll_interval_s, 5.0)
     conf: dict[str, Any] = {
         "broker_url": urls.celery if urls else None,
@@ -95,7 +123,6 @@ def build_conf(settings: Settings) -> dict[str, Any]:
         # Task events feed Flower (`blindference-node flower`).
         "worker_send_task_events": True,
         "task_send_sent_event": True,
-        "visibility_timeout": visibility,
         "broker_connection_retry_on_startup": True,
         "task_serializer": "json",
         "result_serializer": "json",
@@ -113,11 +140,11 @@ def build_conf(settings: Settings) -> dict[str, Any]:
         "control_exchange": namespace(address),
         "event_exchange": namespace(address) + ".ev",
         "include": ["blf.tasks.loops", "blf.tasks.jobs"],
-        "beat_scheduler": "redbeat.RedBeatScheduler",
+        "beat_scheduler": "blf.scheduler.NodeScheduler",
         "beat_schedule": beat_schedule.build(settings, control_queue(address)),
         "beat_max_loop_interval": loop,
-        "redbeat_redis_url": urls.redis if urls else None,
-        "redbeat_redis_options": {},
+        "redbeat_redis_url": redbeat_url,
+        "redbeat_redis_options": redbeat_options,
         "redbeat_key_prefix": node_key(address, "redbeat") + ":",
         # A crashed beat's lock must free within a few loops, not RedBeat's 25 minutes.
         "redbeat_lock_timeout": max(5 * loop, 5.0),
@@ -150,13 +177,40 @@ def configure(settings: Settings, target: Celery = app) -> Celery:
     return target
 
 
-@beat_init.connect
-def _run_every_duty_once_at_start(sender: Any = None, **_: Any) -> None:
-    # An interval entry first fires one period after beat starts, so a beat restarted more
-    # often than a period would never run it. Every duty is idempotent: run each once now.
-    target = getattr(sender, "app", None) or app
-    for entry in target.conf.beat_schedule.values():
-        target.send_task(entry["task"], **entry.get("options", {}))
+def requeue_unacked(settings: Settings) -> int:
+    """Put every message this node's workers left unacknowledged back on its queue, now
+    rather than after the visibility timeout. Only safe while none of the node's workers
+    runs (``run`` calls it at start, holding the node's lock and its only Redis)."""
+    scratch = configure(settings, Celery("blf-requeue", set_as_current=False))
+    try:
+        with scratch.connection_for_write() as connection:
+            channel = connection.default_channel
+            qos = channel.qos
+            with channel.conn_or_acquire() as client:
+                # kombu prefixes only some commands with the node's key prefix: ZRANGE is one.
+                tags = list(client.zrange(qos.unacked_index_key, 0, -1))
+                for tag in tags:
+                    qos.restore_by_tag(tag, client)
+    finally:
+        scratch.close()
+    return len(tags)
+
+
+def settings_with_address(loaded: LoadedConfig) -> Settings:
+    """The settings, with ``node_address`` from the keystore's header when config.json
+    leaves it empty (GPU machines have no keystore: their config must name the address)."""
+    if loaded.settings.node_address:
+        return loaded.settings
+    from blf.wallet import keystore_address  # control machines only
+
+    address = keystore_address(loaded.keystore_file())
+    if not address:
+        raise ConfigError(
+            f"{loaded.path}: field 'node_address' is empty and the keystore names no address",
+            path=str(loaded.path),
+            field="node_address",
+        )
+    return loaded.settings.model_copy(update={"node_address": address})
 
 
 @setup_logging.connect
@@ -171,7 +225,7 @@ def _configure_from_environment() -> None:
     is, or a worker would start against a default broker and fail obscurely."""
     path, _ = resolve_config_path()
     if path.exists():
-        configure(load_config(path).settings)
+        configure(settings_with_address(load_config(path)))
 
 
 _configure_from_environment()

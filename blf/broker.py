@@ -15,6 +15,7 @@ from pathlib import Path
 
 import redis
 
+from blf.children import spawn
 from blf.errors import BrokerError
 
 __all__ = ["BrokerUrls", "EmbeddedRedis", "broker_urls"]
@@ -22,6 +23,7 @@ __all__ = ["BrokerUrls", "EmbeddedRedis", "broker_urls"]
 log = logging.getLogger("blf.broker")
 
 SOCKET_NAME = "redis.sock"
+_REDIS_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C"}  # nothing of the node's, secrets least
 MAX_SOCKET_PATH = 104  # sun_path is 108 bytes on Linux, 104 on macOS
 
 
@@ -88,21 +90,20 @@ class EmbeddedRedis:
                 f"node directory path too long for a unix socket ({self.socket}); move the node "
                 "to a shorter path or set broker_url to an external Redis"
             )
-        self.directory.mkdir(parents=True, exist_ok=True)
-        if self.socket.exists():
-            if ping(self.urls):
-                raise BrokerError(
-                    f"a Redis already answers on {self.socket}: is another "
-                    "`blindference-node run` using this node directory?"
-                )
-            self.socket.unlink()  # left behind by a crash
-        self._process = subprocess.Popen(
-            self._command(),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,  # a Ctrl+C meant for the node must not kill Redis first
-        )
+        if self.socket.exists() and ping(self.urls):
+            raise BrokerError(
+                f"a Redis already answers on {self.socket}: is another "
+                "`blindference-node run` using this node directory?"
+            )
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self.socket.unlink(missing_ok=True)  # left behind by a crash
+            # Its own session: a Ctrl+C meant for the node must not stop Redis first.
+            self._process = spawn(self._command(), env=_REDIS_ENV, stdout=subprocess.DEVNULL)
+        except OSError as exc:
+            raise BrokerError(
+                f"cannot start the embedded Redis in {self.directory}: {exc}"
+            ) from None
         self._wait_ready()
         log.info("Embedded Redis on %s", self.socket)
         return self.urls

@@ -17,7 +17,6 @@ from contextlib import contextmanager
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
 import requests
 from eth_account.signers.local import LocalAccount
@@ -40,6 +39,7 @@ from blf.errors import (
     ContractRevertError,
     InsufficientFundsError,
 )
+from blf.redact import display_url
 
 __all__ = [
     "NODE_REGISTRY_ABI",
@@ -247,7 +247,7 @@ class ChainClient:
         self._nonce_lock_path = nonce_lock_path
         self._thread_lock = threading.Lock()
         self._chain_checked = False
-        self._display_url = _display_url(rpc_url)
+        self._display_url = display_url(rpc_url)
         # No provider-level retries: callers (periodic tasks) own the retry policy, and a
         # refused connection should fail in one round trip, not after seconds of backoff.
         provider = Web3.HTTPProvider(
@@ -703,17 +703,3 @@ def _insufficient_funds(address: str, *, needed: int | None, have: int) -> Insuf
         f"insufficient funds: fund {address} (has {_ether(have)} ETH, {need} for gas and stake)",
         address=address,
     )
-
-
-def _display_url(url: str) -> str:
-    """The URL for messages and logs, minus the secrets hosted RPCs put in it."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    # Hosted RPC keys live in the last path segment (…/v2/<key>) or the query string.
-    segments = parts.path.split("/")
-    if segments and len(segments[-1]) >= 16:
-        segments[-1] = segments[-1][:4] + "…"
-    query = "?…" if parts.query else ""
-    return f"{parts.scheme}://{host}{'/'.join(segments)}{query}" if parts.scheme else url

@@ -179,10 +179,10 @@ def resolve_config_path(environ: Mapping[str, str] | None = None) -> tuple[Path,
             warnings.append(
                 f"both BLF_CONFIG_PATH and BLF_CONFIG_DIR are set; using BLF_CONFIG_PATH={explicit}"
             )
-        return Path(explicit).expanduser(), warnings
+        return Path(explicit).expanduser().absolute(), warnings
     if directory:
-        return Path(directory).expanduser() / "config.json", []
-    return DEFAULT_CONFIG_PATH.expanduser(), []
+        return Path(directory).expanduser().absolute() / "config.json", []
+    return DEFAULT_CONFIG_PATH.expanduser().absolute(), []
 
 
 def resolve_keystore_path(keystore_path: str, config_dir: Path) -> Path:
@@ -246,6 +246,8 @@ def load_config(path: Path | None = None) -> LoadedConfig:
     warnings: list[str] = []
     if path is None:
         path, warnings = resolve_config_path()
+    # Absolute, so the node directory means the same after a chdir (redis-server does one).
+    path = path.absolute()
     raw = read_raw(path)
     settings = build_settings(raw, path=path)
     return LoadedConfig(path=path, settings=settings, raw=raw, warnings=warnings)

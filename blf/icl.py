@@ -2,9 +2,10 @@
 
 Every request is signed: ``X-Signature`` is an EIP-191 signature over the exact body text
 followed by the timestamp. Idempotent calls (reads, heartbeat) retry on connection errors
-and 5xx with capped exponential backoff; calls that change job state never retry here, so
-a lost answer can never turn into a second claim or a second submission: the task layer
-decides what to do with an ``IclTransportError`` on those.
+and 5xx with capped exponential backoff; calls that change job state never retry here:
+the task layer decides what an ``IclTransportError`` means for those, knowing which
+repeats are safe (a claim repeated for the same job id is the same claim; a result or a
+verdict is never sent twice).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from blf.wallet import sign_text
 __all__ = [
     "DEFAULT_RETRY",
     "DEFAULT_TIMEOUT",
+    "NO_RETRY",
     "Assignment",
     "AttestationRequest",
     "Certificate",
@@ -275,14 +277,14 @@ class IclClient:
             "POST", "/internal/attestation/verify", Certificate, body=request, retry=NO_RETRY
         )
 
-    def heartbeat(self) -> StatusAck:
+    def heartbeat(self, *, retry: Retry | None = None) -> StatusAck:
         body = HeartbeatRequest(node_address=self.address, timestamp=str(int(self._clock())))
-        return self._call("POST", "/internal/heartbeat", StatusAck, body=body)
+        return self._call("POST", "/internal/heartbeat", StatusAck, body=body, retry=retry)
 
-    def assignments(self) -> list[Assignment]:
+    def assignments(self, *, retry: Retry | None = None) -> list[Assignment]:
         path = f"/internal/assignments/{self.address}"
         try:
-            answer = self._call("GET", path, AssignmentList)
+            answer = self._call("GET", path, AssignmentList, retry=retry)
         except IclStatusError as exc:
             if exc.status in (401, 404):
                 raise NodeUnknownError(

@@ -11,6 +11,8 @@ from typing import Any
 
 import redis
 
+from blf.app import node_key
+
 __all__ = ["Journal"]
 
 RECORD_TTL_S = 7 * 86400
@@ -19,10 +21,10 @@ RECORD_TTL_S = 7 * 86400
 class Journal:
     def __init__(self, client: redis.Redis, address: str) -> None:
         self._redis = client
-        self._prefix = f"blf:{address.lower()}"
+        self._address = address
 
     def _job_key(self, job_id: str) -> str:
-        return f"{self._prefix}:job:{job_id}"
+        return node_key(self._address, "job", job_id)
 
     def record(self, job_id: str, state: str, **fields: Any) -> None:
         now = time.time()
@@ -33,18 +35,18 @@ class Journal:
         with self._redis.pipeline() as pipe:
             pipe.hset(self._job_key(job_id), mapping=values)  # type: ignore[arg-type]  # invariant stub
             pipe.expire(self._job_key(job_id), RECORD_TTL_S)
-            pipe.zadd(f"{self._prefix}:jobs", {job_id: now})
+            pipe.zadd(node_key(self._address, "jobs"), {job_id: now})
             pipe.execute()
 
     def get(self, job_id: str) -> dict[str, str]:
         return dict(self._redis.hgetall(self._job_key(job_id)))  # type: ignore[arg-type]
 
     def job_ids(self) -> list[str]:
-        return [str(j) for j in self._redis.zrange(f"{self._prefix}:jobs", 0, -1)]
+        return [str(j) for j in self._redis.zrange(node_key(self._address, "jobs"), 0, -1)]
 
     def count_delivery(self, job_id: str, attempt: int, ttl_s: int) -> int:
         """How many times this attempt of the job has been delivered to a worker."""
-        key = f"{self._prefix}:deliveries:{job_id}:{attempt}"
+        key = node_key(self._address, "deliveries", job_id, str(attempt))
         with self._redis.pipeline() as pipe:
             pipe.incr(key)
             pipe.expire(key, ttl_s)

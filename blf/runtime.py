@@ -36,6 +36,8 @@ def icl() -> IclClient:
     global _icl
     current = node()
     if _icl is None or _icl.base_url != current.settings.icl_endpoint.rstrip("/"):
+        if _icl is not None:
+            _icl.close()
         _icl = current.icl()
     return _icl
 

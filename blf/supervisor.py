@@ -1,27 +1,33 @@
 """``blindference-node run``: the whole node on one machine, as one process group.
 
-The supervisor holds the unlocked key and the embedded Redis, and runs two Celery
-workers as child processes: the control worker (with beat embedded) and the inference
-worker, so heartbeats and polls never queue behind a long job. Children get their own
-session, so a terminal's Ctrl+C reaches only the supervisor, which then shuts down in
-order: stop polling and consuming, let running jobs finish (bounded), send a final
-heartbeat, stop Redis.
+The supervisor holds the unlocked key and the embedded Redis, and runs three children:
+beat, the control worker (the key reaches it by pipe) and the inference worker, so
+heartbeats and polls never queue behind a long job. Children run in sessions of their own
+and die with the supervisor, so a terminal's Ctrl+C reaches only the supervisor, which
+stops them in order: beat first (no new polls), then the workers, which finish their
+running jobs (up to ``shutdown_timeout_s``); then a final heartbeat, then Redis.
+A second signal stops everything at once.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
-import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import FrameType
 
+from blf.app import requeue_unacked
 from blf.broker import EmbeddedRedis, broker_urls
-from blf.errors import BlfError
+from blf.children import child_env, spawn
+from blf.errors import BlfError, BrokerError
+from blf.icl import DEFAULT_RETRY, Retry
 from blf.node import Node
 
 __all__ = ["Supervisor"]
@@ -30,6 +36,8 @@ log = logging.getLogger("blf.node")
 
 # After a warm shutdown times out, Celery's cold shutdown gets this long before SIGKILL.
 COLD_SHUTDOWN_GRACE_S = 10.0
+# The final heartbeat is a courtesy: one quick retry, not the loop's patient policy.
+FINAL_HEARTBEAT_RETRY = Retry(attempts=2, backoff=0.5, backoff_max=0.5)
 
 
 @dataclass
@@ -44,7 +52,7 @@ class Child:
 @dataclass
 class Supervisor:
     node: Node
-    password: str
+    password: str = field(repr=False)
     children: list[Child] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _redis: EmbeddedRedis | None = None
@@ -52,25 +60,44 @@ class Supervisor:
     def run(self) -> int:
         self._install_signal_handlers()
         try:
-            return self._run()
+            with self._exclusive():
+                return self._run()
         finally:
             self._stop_children()
             if self._redis is not None:
                 self._redis.stop()
 
+    @contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """One `run` per node directory: two would share a Redis, a beat and a key."""
+        path = self.node.directory / "run.lock"
+        with path.open("a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise BrokerError(
+                    f"another `blindference-node run` is using {self.node.directory} "
+                    f"(it holds {path})"
+                ) from None
+            yield
+
     def _run(self) -> int:
         broker = self._start_broker()
-        if self.node.needs_attestation():
+        if self.node.needs_attestation() and not self._stop.is_set():
             log.info("Certificate missing or expiring within 6 h: re-attesting")
             self.node.attest()
         self._announce()
         self._heartbeat("Heartbeat sent to ICL")
-        self._spawn("control", broker, beat=True)
-        if self.node.settings.supported_model_ids:
-            self._spawn("inference", broker, beat=False)
+        roles = ["control", "inference", "beat"]
+        if not self.node.settings.supported_model_ids:
+            roles.remove("inference")
+        for role in roles:
+            if self._stop.is_set():
+                break
+            self._spawn(role, broker)
         code = self._watch()
         if code == 0:
-            self._heartbeat("Final heartbeat sent to ICL")
+            self._heartbeat("Final heartbeat sent to ICL", retry=FINAL_HEARTBEAT_RETRY)
             log.info("Node stopped")
         return code
 
@@ -79,7 +106,16 @@ class Supervisor:
         if configured:
             return broker_urls(configured).celery
         self._redis = EmbeddedRedis(self.node.directory)
-        return self._redis.start().celery
+        urls = self._redis.start()
+        # No worker of this node can be running (we hold run.lock and its only Redis), so
+        # whatever is unacknowledged belonged to a worker that died: requeue it now rather
+        # than after the visibility timeout.
+        restored = requeue_unacked(
+            self.node.settings.model_copy(update={"broker_url": urls.celery})
+        )
+        if restored:
+            log.warning("Requeued %d job message(s) left unfinished by the last run", restored)
+        return urls.celery
 
     def _announce(self) -> None:
         settings = self.node.settings
@@ -89,39 +125,42 @@ class Supervisor:
         log.info("  Models  : %s", ", ".join(settings.supported_model_ids) or "(none)")
         log.info("  Cert    : expires in %ds", self.node.cert_seconds_left() or 0)
 
-    def _heartbeat(self, success: str) -> None:
+    def _heartbeat(self, success: str, *, retry: Retry | None = None) -> None:
         try:
-            self.node.icl().heartbeat()
+            with self.node.icl(retry=retry or DEFAULT_RETRY) as icl:
+                icl.heartbeat()
         except BlfError as exc:
             log.warning("Heartbeat failed: %s", exc)
             return
         log.info(success)
 
-    def _spawn(self, role: str, broker: str, *, beat: bool) -> None:
-        env = dict(os.environ)
-        env["BLF_CONFIG_PATH"] = str(self.node.config.path)
-        env["BLF_BROKER_URL"] = broker  # a run-time override: never written to config.json
-        env.pop("BLF_KEY_PASSWORD", None)  # the control worker reads it from a pipe instead
-        command = [sys.executable, "-m", "blf", "worker", "--role", role]
-        if beat:
-            command.append("--beat")
+    def _spawn(self, role: str, broker: str) -> None:
+        # Run-time overrides only: never written to config.json.
+        env = child_env(
+            BLF_CONFIG_PATH=str(self.node.config.path),
+            BLF_BROKER_URL=broker,
+            BLF_NODE_ADDRESS=self.node.address,
+        )
+        command = [sys.executable, "-m", "blf"]
+        command += ["beat"] if role == "beat" else ["worker", "--role", role]
         if role == "control":
             command.append("--password-stdin")
-        process = subprocess.Popen(command, env=env, stdin=subprocess.PIPE, start_new_session=True)
-        assert process.stdin is not None
-        if role == "control":
-            process.stdin.write(self.password.encode("utf-8") + b"\n")
-        process.stdin.close()
+        process = spawn(command, env=env, stdin=subprocess.PIPE)
         self.children.append(Child(role, process))
+        assert process.stdin is not None
+        try:
+            if role == "control":
+                process.stdin.write(self.password.encode("utf-8") + b"\n")
+            process.stdin.close()
+        except BrokenPipeError:
+            pass  # it died at once; _watch reports its exit status
 
     def _watch(self) -> int:
         while not self._stop.wait(0.5):
             for child in self.children:
                 if not child.alive():
                     log.error(
-                        "%s worker exited with %s; stopping the node",
-                        child.role,
-                        child.process.returncode,
+                        "%s exited with %s; stopping the node", child.role, child.process.returncode
                     )
                     return 1
         log.info("Shutting down: no new assignments; waiting for running jobs")
@@ -129,27 +168,35 @@ class Supervisor:
         return 0
 
     def _stop_children(self) -> None:
-        """Warm shutdown (finish running tasks) within shutdown_timeout_s, then cold."""
-        running = [c for c in self.children if c.alive()]
+        """Beat first, so nothing new is scheduled; then the workers' warm shutdown (running
+        tasks finish) within shutdown_timeout_s; then cold."""
+        beat = [c for c in self.children if c.role == "beat"]
+        workers = [c for c in self.children if c.role != "beat"]
+        for group, timeout in ((beat, COLD_SHUTDOWN_GRACE_S), (workers, None)):
+            self._stop_group(group, timeout)
+        self.children.clear()
+
+    def _stop_group(self, group: list[Child], timeout: float | None) -> None:
+        running = [c for c in group if c.alive()]
         for child in running:
             child.process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + self.node.settings.shutdown_timeout_s
+        budget = self.node.settings.shutdown_timeout_s if timeout is None else timeout
+        deadline = time.monotonic() + budget
         for child in running:
             try:
                 child.process.wait(max(deadline - time.monotonic(), 0))
             except subprocess.TimeoutExpired:
                 log.warning(
-                    "%s worker still busy after %ss: stopping it; unfinished jobs go back "
-                    "to the queue",
+                    "%s still busy after %ss: stopping it; unfinished jobs go back to the queue",
                     child.role,
-                    self.node.settings.shutdown_timeout_s,
+                    budget,
                 )
                 self._cold_stop(child)
-        self.children.clear()
 
     @staticmethod
     def _cold_stop(child: Child) -> None:
-        child.process.send_signal(signal.SIGQUIT)
+        if child.alive():
+            child.process.send_signal(signal.SIGQUIT)
         try:
             child.process.wait(COLD_SHUTDOWN_GRACE_S)
         except subprocess.TimeoutExpired:
@@ -158,9 +205,13 @@ class Supervisor:
 
     def _install_signal_handlers(self) -> None:
         def request_stop(signum: int, _frame: FrameType | None) -> None:
-            if self._stop.is_set():
-                log.warning("Shutdown already in progress")
-            self._stop.set()
+            if not self._stop.is_set():
+                self._stop.set()
+                return
+            log.warning("Second %s: stopping at once", signal.Signals(signum).name)
+            for child in self.children:
+                if child.alive():
+                    child.process.send_signal(signal.SIGQUIT)
 
-        signal.signal(signal.SIGINT, request_stop)
-        signal.signal(signal.SIGTERM, request_stop)
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, request_stop)

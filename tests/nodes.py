@@ -207,19 +207,27 @@ class Processes:
             _kill_descendants_of(proc.node.root)
 
 
-def _kill_descendants_of(root: Path) -> None:
-    """Kill processes whose environment selects this node directory (left-over children)."""
+def node_pids(root: Path) -> list[int]:
+    """Live processes whose environment selects this node directory (`run`, its workers
+    and beat; not redis-server, whose environment is scrubbed, and which dies with `run`)."""
     marker = f"BLF_CONFIG_PATH={root / 'config.json'}".encode()
+    found = []
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
             environ = (entry / "environ").read_bytes()
         except OSError:
             continue
-        if marker in environ.split(b"\0") and int(entry.name) != os.getpid():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(entry.name), signal.SIGKILL)
+        if marker in environ.split(b"\0"):
+            found.append(int(entry.name))
+    return found
+
+
+def _kill_descendants_of(root: Path) -> None:
+    for pid in node_pids(root):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 # --- one-line CLI results -----------------------------------------------------------------

@@ -14,7 +14,6 @@ from celery.exceptions import SecurityWarning
 from blf.config import LoadedConfig
 from blf.errors import ConfigError
 from blf.logging import configure_logging
-from blf.node import open_node
 
 NO_ATTESTATION = "Error: No attestation found. Run `blindference-node attest` first."
 
@@ -41,10 +40,11 @@ def _require_broker(loaded: LoadedConfig) -> None:
 
 @click.command()
 def run() -> None:
-    """Run the node: embedded Redis (unless broker_url is set), a control worker with
-    beat (heartbeat 60 s, poller 5 s, watchdog 10 min, on-chain heartbeat 10 days) and an
+    """Run the node: embedded Redis (unless broker_url is set), beat (heartbeat 60 s,
+    poller 5 s, watchdog 10 min, on-chain heartbeat 10 days), a control worker and an
     inference worker. SIGINT/SIGTERM stop it gracefully: no new assignments, running jobs
     finish (up to shutdown_timeout_s), a final heartbeat, then exit 0."""
+    from blf.node import open_node
     from blf.supervisor import Supervisor
     from blf.wallet import read_password
 
@@ -61,13 +61,13 @@ def run() -> None:
 @click.command()
 @click.option(
     "--role",
-    type=click.Choice(["control", "inference", "all"]),
-    default="all",
+    type=click.Choice(["control", "inference"]),
+    default="control",
     show_default=True,
-    help="control: ICL/chain work, needs the keystore. inference: model queues only, "
-    "no key needed (GPU machines). all: both.",
+    help="control: heartbeat, poller, claims, chain; needs the keystore. inference: the model "
+    "queues only; no key (GPU machines).",
 )
-@click.option("--beat", "with_beat", is_flag=True, help="Embed the beat scheduler.")
+@click.option("--beat", "with_beat", is_flag=True, help="Also run the beat scheduler inside.")
 @click.option("--concurrency", type=int, default=None, help="Parallel tasks (default from config).")
 @click.option(
     "--password-stdin", is_flag=True, help="Read the keystore password from the first stdin line."
@@ -75,31 +75,32 @@ def run() -> None:
 def worker(role: str, with_beat: bool, concurrency: int | None, password_stdin: bool) -> None:
     """Run one Celery worker of this node against its broker_url."""
     from blf import runtime
-    from blf.app import app, configure, control_queue, model_queue
+    from blf.app import app, configure, control_queue, model_queue, settings_with_address
 
     loaded = _loaded()
     _require_broker(loaded)
-    settings = loaded.settings
-    address = settings.node_address
-    queues = []
-    if role in ("control", "all"):
+    settings = settings_with_address(loaded)
+    control = role == "control"
+    if control:
+        from blf.node import open_node
+
         password = sys.stdin.readline().rstrip("\n") if password_stdin else None
         node = open_node(loaded, password=password)
         runtime.install(node)
-        address = node.address
-        queues.append(control_queue(address))
-    if role in ("inference", "all"):
-        queues += [model_queue(address, m) for m in settings.supported_model_ids]
-    if not queues:
-        raise ConfigError(f"{loaded.path}: no supported_model_ids, so no inference queue to serve")
+        settings = settings.model_copy(update={"node_address": node.address})
+        queues = [control_queue(node.address)]
+    else:
+        queues = [model_queue(settings.node_address, m) for m in settings.supported_model_ids]
+        if not queues:
+            raise ConfigError(f"{loaded.path}: no supported_model_ids: no model queue to serve")
     configure(settings)
-    configure_logging(address, settings.log_level)
+    configure_logging(settings.node_address, settings.log_level)
     _warn_if_root()
-    control = role == "control"
     instance = app.Worker(
-        hostname=f"{role}.{address[:10]}@{socket.gethostname()}",
+        hostname=f"{role}.{settings.node_address[:10]}@{socket.gethostname()}",
         queues=queues,
         beat=with_beat,
+        # Control tasks wait on HTTP and the chain: threads. Inference is CPU/GPU: processes.
         pool="threads" if control else "prefork",
         concurrency=concurrency
         or (settings.control_concurrency if control else settings.inference_concurrency),
@@ -124,13 +125,14 @@ def _warn_if_root() -> None:
 @click.command()
 def beat() -> None:
     """Run only the beat scheduler; a RedBeat lock keeps it to one per node."""
-    from blf.app import app, configure
+    from blf.app import app, configure, settings_with_address
 
     loaded = _loaded()
     _require_broker(loaded)
-    configure(loaded.settings)
-    configure_logging(loaded.settings.node_address, loaded.settings.log_level)
-    app.Beat(loglevel=loaded.settings.log_level).run()
+    settings = settings_with_address(loaded)
+    configure(settings)
+    configure_logging(settings.node_address, settings.log_level)
+    app.Beat(loglevel=settings.log_level).run()
 
 
 @click.command()
@@ -142,6 +144,7 @@ def flower(port: int, address: str) -> None:
     Uses broker_url, or the embedded Redis of a running `run` in this node directory.
     """
     from blf.broker import SOCKET_NAME, broker_urls
+    from blf.children import child_env
 
     loaded = _loaded()
     broker = loaded.settings.broker_url
@@ -153,8 +156,7 @@ def flower(port: int, address: str) -> None:
                 "`blindference-node run` first, or set BLF_BROKER_URL"
             )
         broker = f"unix://{socket_path}"
-    env = dict(os.environ, BLF_CONFIG_PATH=str(loaded.path))
-    env["BLF_BROKER_URL"] = broker_urls(broker).celery
+    env = child_env(BLF_CONFIG_PATH=str(loaded.path), BLF_BROKER_URL=broker_urls(broker).celery)
     command = [sys.executable, "-m", "celery", "-A", "blf.app", "flower"]
     command += [f"--port={port}", f"--address={address}"]
     os.execve(sys.executable, command, env)

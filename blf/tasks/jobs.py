@@ -17,9 +17,12 @@ from blf.errors import IclStatusError, IclTransportError
 from blf.icl import Assignment
 from blf.tasks import short
 
-__all__ = ["JobTicket", "start_job"]
+__all__ = ["RECORD_GRACE_S", "JobTicket", "start_job"]
 
 log = logging.getLogger("blf.jobs")
+
+RECORD_GRACE_S = 86400  # job marks and counters outlive the job's deadline by a day
+CLAIM_RETRIES = 8
 
 
 class JobTicket(BaseModel):
@@ -42,19 +45,12 @@ class JobTicket(BaseModel):
         return cls.model_validate(assignment.model_dump(include=set(cls.model_fields)))
 
 
-@app.task(
-    bind=True,
-    acks_late=True,
-    reject_on_worker_lost=True,
-    autoretry_for=(IclTransportError,),
-    retry_backoff=2,
-    retry_backoff_max=60,
-    max_retries=8,
-)
+@app.task(bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=CLAIM_RETRIES)
 def start_job(self: Task, ticket: dict[str, Any]) -> str:
     job = JobTicket.model_validate(ticket)
     node, journal = runtime.node(), runtime.journal()
-    ttl = max(job.deadline - int(time.time()), 0) + 86400
+    ttl = max(job.deadline - int(time.time()), 0) + RECORD_GRACE_S
+    # Counted per attempt: a retry is a new message, a redelivery the same one again.
     deliveries = journal.count_delivery(job.job_id, self.request.retries, ttl)
     if deliveries > node.settings.max_job_deliveries:
         log.error(
@@ -71,7 +67,16 @@ def start_job(self: Task, ticket: dict[str, Any]) -> str:
     if self.request.retries == 0 and deliveries == 1:
         log.info("Job %s: starting as %s", short(job.job_id), job.role)
         journal.record(job.job_id, "received", role=job.role, model_id=job.model_id)
-    return _claim(job)
+    try:
+        return _claim(job)
+    except IclTransportError as exc:
+        # Repeating a claim for the same job id is the same claim, so retrying is safe.
+        if self.request.retries >= CLAIM_RETRIES:
+            log.error("Job %s: aborted, the ICL did not take the claim: %s", short(job.job_id), exc)
+            journal.record(job.job_id, "failed", reason=f"claim: {exc}")
+            return "failed"
+        log.warning("Job %s: claim not confirmed (%s); retrying", short(job.job_id), exc)
+        raise self.retry(countdown=min(2 ** (self.request.retries + 1), 60)) from exc
 
 
 def _claim(job: JobTicket) -> str:

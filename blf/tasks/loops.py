@@ -1,7 +1,8 @@
 """The four periodic duties of protocol.md section 6, run by beat on the control queue.
 
 Periodic tasks ack early and ignore results: a lost tick is replaced by the next one, and
-each beat entry expires after one period so ticks never pile up behind a slow ICL.
+each beat entry expires after one period so ticks never pile up behind a slow ICL. None
+of them raises: a failure is logged and the next tick tries again.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from typing import Any
 
 from celery.signals import worker_shutting_down
@@ -16,18 +19,22 @@ from redis.exceptions import LockError
 
 from blf import runtime
 from blf.app import app, node_key
-from blf.errors import AttestationError, BlfError, ChainError, IclError, NodeUnknownError
-from blf.icl import Assignment
+from blf.errors import BlfError, NodeUnknownError
+from blf.icl import NO_RETRY, Assignment
 from blf.tasks import short
-from blf.tasks.jobs import JobTicket, start_job
+from blf.tasks.jobs import RECORD_GRACE_S, JobTicket, start_job
 
 __all__ = ["attestation_watchdog", "chain_heartbeat", "icl_heartbeat", "poll_assignments"]
 
 log = logging.getLogger("blf.loops")
 
 QUIET_LOG_S = 60
-SEEN_GRACE_S = 86400  # a seen-mark outlives the job's deadline by a day
+# A job is marked "enqueueing" this long before its publish is confirmed: if the worker
+# dies in between, the mark lapses and a later poll enqueues the job after all.
+PENDING_MARK_S = 60
 ATTEST_LOCK_S = 120
+REATTEST_BACKOFF_S = 60
+CHAIN_LOCK_S = 300  # longer than a heartbeat transaction takes to be mined
 
 periodic = app.task(acks_late=False, ignore_result=True)
 
@@ -41,11 +48,28 @@ def _stop_polling(**_: Any) -> None:
     _stopping.set()
 
 
+def _key(*parts: str) -> str:
+    return node_key(app.conf.blf_address, *parts)
+
+
+@contextmanager
+def _exclusive(name: str, ttl_s: float) -> Iterator[bool]:
+    """A per-node Redis lock, taken without waiting; yields whether we hold it."""
+    lock = runtime.redis_client().lock(_key(name), timeout=ttl_s, blocking_timeout=0)
+    acquired = bool(lock.acquire())
+    try:
+        yield acquired
+    finally:
+        if acquired:
+            with suppress(LockError):  # it expired under us: nothing left to release
+                lock.release()
+
+
 @periodic
 def icl_heartbeat() -> None:
     try:
         runtime.icl().heartbeat()
-    except IclError as exc:
+    except BlfError as exc:
         log.warning("Heartbeat failed: %s", exc)
         return
     log.info("Heartbeat sent to ICL")
@@ -60,53 +84,60 @@ def poll_assignments() -> None:
     except BlfError as exc:
         log.warning("Assignment poll failed: %s", exc)
         return
-    fresh = [a for a in assignments if _first_sighting(a)]
+    fresh = [a for a in assignments if _mark_pending(a)]
     redis = runtime.redis_client()
-    quiet_key = node_key(app.conf.blf_address, "quiet")
     if not fresh:
-        if redis.set(quiet_key, "1", nx=True, ex=QUIET_LOG_S):
+        if redis.set(_key("quiet"), "1", nx=True, ex=QUIET_LOG_S):
             log.info("No assignments for last %ds", QUIET_LOG_S)
         return
-    redis.set(quiet_key, "1", ex=QUIET_LOG_S)
+    redis.set(_key("quiet"), "1", ex=QUIET_LOG_S)
     log.info("Received %d assignment(s)", len(fresh))
     for assignment in fresh:
         _enqueue(assignment)
 
 
 def _fetch_assignments() -> list[Assignment]:
+    # No retries: the next tick is seconds away, and retrying would only hold a thread.
     icl = runtime.icl()
     try:
-        return icl.assignments()
+        return icl.assignments(retry=NO_RETRY)
     except NodeUnknownError as exc:
         log.warning("%s", exc)
         if not reattest(stale_cert=runtime.node().settings.attestation_cert_hash):
             return []
-        return icl.assignments()
+        return icl.assignments(retry=NO_RETRY)
 
 
-def _first_sighting(assignment: Assignment) -> bool:
+def _mark_pending(assignment: Assignment) -> bool:
     """True exactly once per job id for this node, whatever pollers race or restart."""
-    ttl = max(assignment.deadline - int(time.time()), 0) + SEEN_GRACE_S
-    key = node_key(app.conf.blf_address, "seen", assignment.job_id)
-    return bool(runtime.redis_client().set(key, assignment.role, nx=True, ex=ttl))
+    key = _key("seen", assignment.job_id)
+    return bool(runtime.redis_client().set(key, "pending", nx=True, ex=PENDING_MARK_S))
 
 
 def _enqueue(assignment: Assignment) -> None:
     ticket = JobTicket.from_assignment(assignment)
     log.info("Spawning %s job %s", ticket.role, short(ticket.job_id))
+    key = _key("seen", ticket.job_id)
     try:
         start_job.apply_async(kwargs={"ticket": ticket.model_dump()})
-    except Exception:
-        # Not enqueued: forget the sighting so the next poll tries again.
-        runtime.redis_client().delete(node_key(app.conf.blf_address, "seen", ticket.job_id))
-        raise
+    except Exception as exc:  # kombu raises many kinds; the job must not be lost to any
+        runtime.redis_client().delete(key)  # the next poll tries again
+        log.warning("Job %s: not queued (%s); the next poll retries", short(ticket.job_id), exc)
+        return
+    ttl = max(ticket.deadline - int(time.time()), 0) + RECORD_GRACE_S
+    runtime.redis_client().set(key, ticket.role, ex=ttl)
 
 
 @periodic
 def attestation_watchdog() -> None:
-    node = runtime.node()
-    node.reload()
-    if node.needs_attestation():
+    try:
+        node = runtime.node()
+        node.reload()
+        due = node.needs_attestation()
+    except BlfError as exc:
+        log.error("Attestation watchdog: %s", exc)
+        return
+    if due:
         reattest()
 
 
@@ -114,26 +145,27 @@ def reattest(*, stale_cert: str | None = None) -> bool:
     """Re-attest under a per-node lock, so a watchdog and a poller never both do it.
 
     ``stale_cert`` is the certificate the ICL just refused: re-attest only if nobody
-    replaced it meanwhile. Without it, re-attest only if the certificate is due.
+    replaced it meanwhile. Without it, re-attest only if the certificate is due. After a
+    failure, attempts pause for a minute rather than hit the ICL on every 5 s poll.
     Returns whether the node holds a usable certificate afterwards.
     """
+    redis = runtime.redis_client()
+    if redis.exists(_key("attest-failed")):
+        return False
     node = runtime.node()
-    lock = runtime.redis_client().lock(
-        node_key(app.conf.blf_address, "attest-lock"),
-        timeout=ATTEST_LOCK_S,
-        blocking_timeout=ATTEST_LOCK_S,
-    )
     try:
-        with lock:
+        with _exclusive("attest-lock", ATTEST_LOCK_S) as mine:
+            if not mine:
+                return False  # another task is attesting right now
             node.reload()
-            current = node.settings.attestation_cert_hash
-            if stale_cert is not None and current != stale_cert:
+            if stale_cert is not None and node.settings.attestation_cert_hash != stale_cert:
                 return True
             if stale_cert is None and not node.needs_attestation():
                 return True
             node.attest(icl=runtime.icl())
-    except (AttestationError, IclError, LockError) as exc:
+    except BlfError as exc:
         log.error("Attestation failed: %s", exc)
+        redis.set(_key("attest-failed"), "1", ex=REATTEST_BACKOFF_S)
         return False
     return True
 
@@ -151,14 +183,19 @@ def chain_heartbeat() -> None:
             log.info("On-chain heartbeat disabled: no rpc_url configured")
             _chain_disabled_logged = True
         return
-    try:
-        outcome = node.chain().heartbeat_if_due(
-            interval_s=int(settings.chain_heartbeat_interval_s),
-            margin_s=int(settings.chain_heartbeat_check_s) * 2,
-        )
-    except ChainError as exc:
-        log.warning("On-chain heartbeat failed: %s", exc)
-        return
+    # Two overlapping checks would both read the old lastHeartbeat and both pay for one.
+    with _exclusive("chain-lock", CHAIN_LOCK_S) as mine:
+        if not mine:
+            log.debug("On-chain heartbeat check already running")
+            return
+        try:
+            outcome = node.chain().heartbeat_if_due(
+                interval_s=int(settings.chain_heartbeat_interval_s),
+                margin_s=int(settings.chain_heartbeat_check_s) * 2,
+            )
+        except BlfError as exc:
+            log.warning("On-chain heartbeat failed: %s", exc)
+            return
     if outcome.status == "not_registered":
         log.warning(
             "On-chain heartbeat skipped: %s is not registered in NodeRegistry; "

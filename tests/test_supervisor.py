@@ -1,0 +1,68 @@
+"""`run` as a supervisor: one per node directory, nothing outlives it, and a job left
+unacknowledged by a dead run is picked up by the next one at once."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+from blf.devnet.icl import DevnetIcl
+from tests.nodes import (
+    ClaimGate,
+    Processes,
+    devnet_job,
+    make_node,
+    node_pids,
+    submit_job,
+    wait_until,
+)
+
+FAST = {"BLF_HEARTBEAT_INTERVAL_S": "1", "BLF_POLL_INTERVAL_S": "0.5"}
+
+
+def test_a_second_run_on_the_same_directory_is_refused(
+    devnet: DevnetIcl, processes: Processes
+) -> None:
+    node = make_node(devnet.url)
+    first = processes.start(node, "run")
+    first.wait_for("Daemon starting")
+    second = processes.start(node, "run")
+    assert second.wait() == 1
+    assert f"Error: another `blindference-node run` is using {node.root}" in second.output()
+    assert first.process.poll() is None
+    first.signal(signal.SIGTERM)
+    assert first.wait() == 0
+
+
+def test_nothing_outlives_a_killed_supervisor(devnet: DevnetIcl, processes: Processes) -> None:
+    node = make_node(devnet.url)
+    run = processes.start(node, "run", **FAST)
+    run.wait_for(r"control\..* ready")
+    run.wait_for("beat: Acquired lock")
+    assert len(node_pids(node.root)) >= 4  # run, control, inference, beat
+    os.kill(run.process.pid, signal.SIGKILL)
+    wait_until(lambda: not node_pids(node.root), what="children to follow the supervisor")
+    wait_until(lambda: not (node.root / "redis.sock").exists(), what="Redis to stop")
+
+
+def test_a_job_left_mid_claim_by_a_dead_run_is_requeued_by_the_next(
+    processes: Processes,
+) -> None:
+    devnet = DevnetIcl(verifiers_wait_for_leader=False)
+    gate = ClaimGate(devnet)
+    with devnet:
+        node, *_verifiers = (make_node(devnet.url) for _ in range(3))
+        run = processes.start(node, "run", **FAST)
+        run.wait_for("Daemon starting")
+        job = submit_job(devnet.url)
+        wait_until(lambda: gate.arrivals == 1, what="the claim to arrive")
+        for pid in node_pids(node.root):  # power cut: every node process at once
+            os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: not (node.root / "redis.sock").exists(), what="Redis to stop")
+        gate.release.set()
+        again = processes.start(node, "run", **FAST)
+        again.wait_for("Requeued 1 job message")
+        again.wait_for("claimed")
+        assert devnet_job(devnet.url, job["jobId"])["claims"][node.address] == 1
+        again.signal(signal.SIGTERM)
+        assert again.wait() == 0
