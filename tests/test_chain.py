@@ -14,13 +14,14 @@ from typing import Any
 import pytest
 from eth_account.signers.local import LocalAccount
 
-from blf.chain import ChainClient, _display_url, _send_error_kind
+from blf.chain import ChainClient, _send_error_kind
 from blf.errors import (
     ChainError,
     ChainIdMismatchError,
     ContractRevertError,
     InsufficientFundsError,
 )
+from blf.redact import display_url
 from tests.fixtures_chain import AnvilNode
 
 CERT_HASH = "0x" + "ab" * 32
@@ -309,7 +310,7 @@ def test_send_error_classification() -> None:
 
 
 def test_display_url_hides_hosted_rpc_keys() -> None:
-    shown = _display_url("https://arb-sepolia.g.alchemy.com/v2/AbCdEfGhIjKlMnOpQrStUv")
+    shown = display_url("https://arb-sepolia.g.alchemy.com/v2/AbCdEfGhIjKlMnOpQrStUv")
     assert "AbCdEfGhIjKlMnOpQrStUv" not in shown
     assert shown.startswith("https://arb-sepolia.g.alchemy.com/v2/AbCd")
-    assert _display_url("http://user:pw@127.0.0.1:8545") == "http://127.0.0.1:8545"
+    assert display_url("http://user:pw@127.0.0.1:8545") == "http://127.0.0.1:8545"

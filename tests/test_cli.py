@@ -396,3 +396,17 @@ def test_status_shows_models_from_a_comma_separated_environment_variable(node: N
     assert result.exit_code == 0, result.output
     assert status_rows(result)["Models"] == "a, b, c"
     assert node.config()["supported_model_ids"] == [MODEL]
+
+
+def test_status_never_prints_credentials_in_urls(node: NodeDir) -> None:
+    secret_env = {
+        "BLF_BROKER_URL": "rediss://:hunter2@redis.example:6380/0",
+        "BLF_RPC_URL": "https://arb-sepolia.g.alchemy.com/v2/sEcReTaPiKeY0123456789",
+    }
+    result = node.invoke("status", env=secret_env)
+    assert result.exit_code == 0, result.output
+    assert "hunter2" not in result.output
+    assert "TaPiKeY0123456789" not in result.output
+    rows = status_rows(result)
+    assert rows["Broker"] == "rediss://redis.example:6380/0"
+    assert rows["Chain"] == "https://arb-sepolia.g.alchemy.com/v2/sEcR…"

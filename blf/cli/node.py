@@ -22,6 +22,7 @@ from blf.errors import BlfError
 from blf.gpu import detect_gpus
 from blf.icl import Retry, probe
 from blf.node import Node, open_node
+from blf.redact import display_url
 from blf.wallet import PRIVATE_KEY_ENV, create_keystore, keystore_address, read_password
 
 KEYSTORE_NAME = "keystore.json"
@@ -207,8 +208,9 @@ def status() -> None:
         ("Cert", settings.attestation_cert_hash or "(none)"),
         ("Expires", expiry_text),
         ("ICL", f"{settings.icl_endpoint} ({icl_state})"),
-        ("Broker", settings.broker_url or "embedded Redis (started by `run`)"),
-        ("Chain", settings.rpc_url or "no rpc_url: on-chain duties off"),
+        # Redis passwords and hosted-RPC keys live in these URLs: never print them.
+        ("Broker", display_url(settings.broker_url) or "embedded Redis (started by `run`)"),
+        ("Chain", display_url(settings.rpc_url or "") or "no rpc_url: on-chain duties off"),
     ]
     # Plain aligned lines, not a rich table: a table folds long URLs and paths at 80 columns
     # when stdout is not a terminal, which breaks copy-paste and grep.
