@@ -37,6 +37,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, ValidationError
+from starlette.requests import ClientDisconnect
 
 from blf.devnet._sig import SignatureRejected, check_signed_request
 
@@ -777,7 +778,10 @@ async def _validation_error_response(_request: Request, exc: Exception) -> JSONR
 async def _signed(request: Request) -> Signed:
     # The body is read once, as bytes; the signature and the parsed model both come from it.
     state: DevnetState = request.app.state.devnet
-    raw = await request.body()
+    try:
+        raw = await request.body()
+    except ClientDisconnect as exc:  # the node went away mid-request (killed, timed out)
+        raise DevnetError(400, "client disconnected before sending its body") from exc
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
