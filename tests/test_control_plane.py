@@ -15,7 +15,7 @@ import requests
 from blf.broker import EmbeddedRedis
 from blf.devnet.icl import DevnetIcl
 from tests.nodes import (
-    ClaimGate,
+    GatedQuorum,
     NodeDir,
     Processes,
     devnet_job,
@@ -134,24 +134,20 @@ def test_second_beat_stays_idle_and_takes_over_after_kill(
 
 
 def test_sigterm_waits_for_the_running_job_then_sends_a_final_heartbeat(
-    processes: Processes,
+    gated_quorum: GatedQuorum, processes: Processes
 ) -> None:
-    devnet = DevnetIcl(verifiers_wait_for_leader=False)
-    gate = ClaimGate(devnet)
-    with devnet:
-        node, *_verifiers = (make_node(devnet.url) for _ in range(3))
-        run = processes.start(node, "run", **FAST)
-        run.wait_for("Daemon starting")
-        job = submit_job(devnet.url)
-        wait_until(lambda: gate.arrivals, what="the claim to arrive")
-        run.signal(signal.SIGTERM)
-        run.wait_for("Shutting down")
-        released_at = time.time()
-        gate.release.set()
-        assert run.wait(60) == 0, run.output()
-        record = devnet_job(devnet.url, job["jobId"])
-        assert record["claims"][node.address] == 1
-        heartbeats = devnet_node(devnet.url, node.address)["heartbeats"]
+    devnet, gate, node = gated_quorum.devnet, gated_quorum.gate, gated_quorum.node
+    run = processes.start(node, "run", **FAST)
+    run.wait_for("Daemon starting")
+    job = submit_job(devnet.url)
+    wait_until(lambda: gate.arrivals, what="the claim to arrive")
+    run.signal(signal.SIGTERM)
+    run.wait_for("Shutting down")
+    released_at = time.time()
+    gate.release.set()
+    assert run.wait(60) == 0, run.output()
+    assert devnet_job(devnet.url, job["jobId"])["claims"][node.address] == 1
+    heartbeats = devnet_node(devnet.url, node.address)["heartbeats"]
     out = run.output()
     assert out.index("claimed") < out.index("Final heartbeat sent to ICL"), out
     assert any(beat >= released_at for beat in heartbeats), "no heartbeat after the job"

@@ -7,13 +7,11 @@ import redis
 
 from blf.app import node_key
 from blf.broker import EmbeddedRedis
-from blf.devnet.icl import DevnetIcl
 from tests.nodes import (
-    ClaimGate,
+    GatedQuorum,
     NodeDir,
     NodeProcess,
     Processes,
-    make_node,
     send_tasks,
     submit_job,
     wait_until,
@@ -35,25 +33,20 @@ def start_control_worker(processes: Processes, node: NodeDir, broker: str) -> No
 
 
 def test_killed_worker_job_is_redelivered_then_failed_after_max_deliveries(
-    processes: Processes, shared_redis: EmbeddedRedis
+    gated_quorum: GatedQuorum, processes: Processes, shared_redis: EmbeddedRedis
 ) -> None:
-    devnet = DevnetIcl(verifiers_wait_for_leader=False)
-    gate = ClaimGate(devnet)
-    broker = shared_redis.urls.celery
-    with devnet:
-        node, *_verifiers = (make_node(devnet.url) for _ in range(3))
-        first = start_control_worker(processes, node, broker)
-        job_id = submit_job(devnet.url)["jobId"]
-        send_tasks(node, broker, "blf.tasks.loops.poll_assignments")
+    gate, node, broker = gated_quorum.gate, gated_quorum.node, shared_redis.urls.celery
+    first = start_control_worker(processes, node, broker)
+    job_id = submit_job(gated_quorum.devnet.url)["jobId"]
+    send_tasks(node, broker, "blf.tasks.loops.poll_assignments")
 
-        wait_until(lambda: gate.arrivals == 1, what="first delivery mid-claim")
-        first.kill()
-        second = start_control_worker(processes, node, broker)
-        wait_until(lambda: gate.arrivals == 2, what="redelivery after the worker died")
-        second.kill()
-        third = start_control_worker(processes, node, broker)
-        third.wait_for("aborted after 2 deliveries")
-        gate.release.set()
+    wait_until(lambda: gate.arrivals == 1, what="first delivery mid-claim")
+    first.kill()
+    second = start_control_worker(processes, node, broker)
+    wait_until(lambda: gate.arrivals == 2, what="redelivery after the worker died")
+    second.kill()
+    third = start_control_worker(processes, node, broker)
+    third.wait_for("aborted after 2 deliveries")
 
     client = redis.Redis.from_url(shared_redis.urls.redis, decode_responses=True)
     record = client.hgetall(node_key(node.address, "job", job_id))

@@ -8,7 +8,7 @@ import signal
 
 from blf.devnet.icl import DevnetIcl
 from tests.nodes import (
-    ClaimGate,
+    GatedQuorum,
     Processes,
     devnet_job,
     make_node,
@@ -46,23 +46,20 @@ def test_nothing_outlives_a_killed_supervisor(devnet: DevnetIcl, processes: Proc
 
 
 def test_a_job_left_mid_claim_by_a_dead_run_is_requeued_by_the_next(
-    processes: Processes,
+    gated_quorum: GatedQuorum, processes: Processes
 ) -> None:
-    devnet = DevnetIcl(verifiers_wait_for_leader=False)
-    gate = ClaimGate(devnet)
-    with devnet:
-        node, *_verifiers = (make_node(devnet.url) for _ in range(3))
-        run = processes.start(node, "run", **FAST)
-        run.wait_for("Daemon starting")
-        job = submit_job(devnet.url)
-        wait_until(lambda: gate.arrivals == 1, what="the claim to arrive")
-        for pid in node_pids(node.root):  # power cut: every node process at once
-            os.kill(pid, signal.SIGKILL)
-        wait_until(lambda: not (node.root / "redis.sock").exists(), what="Redis to stop")
-        gate.release.set()
-        again = processes.start(node, "run", **FAST)
-        again.wait_for("Requeued 1 job message")
-        again.wait_for("claimed")
-        assert devnet_job(devnet.url, job["jobId"])["claims"][node.address] == 1
-        again.signal(signal.SIGTERM)
-        assert again.wait() == 0
+    devnet, gate, node = gated_quorum.devnet, gated_quorum.gate, gated_quorum.node
+    run = processes.start(node, "run", **FAST)
+    run.wait_for("Daemon starting")
+    job = submit_job(devnet.url)
+    wait_until(lambda: gate.arrivals == 1, what="the claim to arrive")
+    for pid in node_pids(node.root):  # power cut: every node process at once
+        os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: not (node.root / "redis.sock").exists(), what="Redis to stop")
+    gate.release.set()
+    again = processes.start(node, "run", **FAST)
+    again.wait_for("Requeued 1 job message")
+    again.wait_for("claimed")
+    assert devnet_job(devnet.url, job["jobId"])["claims"][node.address] == 1
+    again.signal(signal.SIGTERM)
+    assert again.wait() == 0
