@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import stat
@@ -410,3 +411,32 @@ def test_status_never_prints_credentials_in_urls(node: NodeDir) -> None:
     rows = status_rows(result)
     assert rows["Broker"] == "rediss://redis.example:6380/0"
     assert rows["Chain"] == "https://arb-sepolia.g.alchemy.com/v2/sEcR…"
+
+
+def test_init_records_the_gpus_nvidia_smi_reports(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A stand-in answering the exact query gpu.py makes, as the real nvidia-smi prints it.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    smi = bin_dir / "nvidia-smi"
+    smi.write_text(
+        "#!/bin/sh\n"
+        '[ "$1" = "--query-gpu=name,memory.total" ] || exit 9\n'
+        'printf "NVIDIA H100 80GB HBM3, 81559\\nNVIDIA H100 80GB HBM3, 81559\\n"\n'
+    )
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    node = fresh(tmp_path)
+    result = node.invoke("init", "--models", MODEL)
+    assert result.exit_code == 0, result.output
+    assert node.config()["gpus"] == ["NVIDIA H100 80GB HBM3 (81559 MiB)"] * 2
+
+
+def test_init_without_a_gpu_is_normal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # no nvidia-smi anywhere
+    node = fresh(tmp_path)
+    result = node.invoke("init", "--models", MODEL)
+    assert result.exit_code == 0, result.output
+    assert node.config()["gpus"] == []
+    assert "none found" in result.output

@@ -132,7 +132,7 @@ def beat() -> None:
     settings = settings_with_address(loaded)
     configure(settings)
     configure_logging(settings.node_address, settings.log_level)
-    app.Beat(loglevel=settings.log_level).run()
+    app.Beat(loglevel=settings.log_level, quiet=True).run()
 
 
 @click.command()
