@@ -120,6 +120,9 @@ def build_conf(settings: Settings) -> dict[str, Any]:
         "result_backend": urls.celery if urls else None,
         "broker_transport_options": transport,
         "result_backend_transport_options": dict(transport),
+        # Celery 5.7 reads only the two transport options above; the app-level key is set
+        # too because older versions (celery/celery#7651) and tools look for it there.
+        "visibility_timeout": transport["visibility_timeout"],
         # Task events feed Flower (`blindference-node flower`).
         "worker_send_task_events": True,
         "task_send_sent_event": True,
