@@ -151,10 +151,6 @@ class EmbeddedRedis:
             process.wait()
         log.info("Embedded Redis stopped")
 
-    @property
-    def pid(self) -> int | None:
-        return self._process.pid if self._process else None
-
     def __enter__(self) -> EmbeddedRedis:
         self.start()
         return self

@@ -41,9 +41,6 @@ class Journal:
     def get(self, job_id: str) -> dict[str, str]:
         return dict(self._redis.hgetall(self._job_key(job_id)))  # type: ignore[arg-type]
 
-    def job_ids(self) -> list[str]:
-        return [str(j) for j in self._redis.zrange(node_key(self._address, "jobs"), 0, -1)]
-
     def count_delivery(self, job_id: str, attempt: int, ttl_s: int) -> int:
         """How many times this attempt of the job has been delivered to a worker."""
         key = node_key(self._address, "deliveries", job_id, str(attempt))

@@ -145,6 +145,16 @@ class GatedQuorum:
     gate: ClaimGate
     node: NodeDir
 
+    def run_until_mid_claim(
+        self, processes: Processes, **env: str
+    ) -> tuple[NodeProcess, dict[str, Any]]:
+        """Start `run`, give it a job, and return once its claim is held at the gate."""
+        run = processes.start(self.node, "run", **env)
+        run.wait_for("Daemon starting")
+        job = submit_job(self.devnet.url)
+        wait_until(lambda: self.gate.arrivals == 1, what="the claim to arrive")
+        return run, job
+
 
 class NodeProcess:
     """A ``blindference-node`` subprocess whose combined output goes to a log file."""

@@ -137,10 +137,7 @@ def test_sigterm_waits_for_the_running_job_then_sends_a_final_heartbeat(
     gated_quorum: GatedQuorum, processes: Processes
 ) -> None:
     devnet, gate, node = gated_quorum.devnet, gated_quorum.gate, gated_quorum.node
-    run = processes.start(node, "run", **FAST)
-    run.wait_for("Daemon starting")
-    job = submit_job(devnet.url)
-    wait_until(lambda: gate.arrivals, what="the claim to arrive")
+    run, job = gated_quorum.run_until_mid_claim(processes, **FAST)
     run.signal(signal.SIGTERM)
     run.wait_for("Shutting down")
     released_at = time.time()

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import redis
 
-from blf.app import node_key
 from blf.broker import EmbeddedRedis
+from blf.journal import Journal
 from tests.nodes import (
     GatedQuorum,
     NodeDir,
@@ -49,6 +49,6 @@ def test_killed_worker_job_is_redelivered_then_failed_after_max_deliveries(
     third.wait_for("aborted after 2 deliveries")
 
     client = redis.Redis.from_url(shared_redis.urls.redis, decode_responses=True)
-    record = client.hgetall(node_key(node.address, "job", job_id))
+    record = Journal(client, node.address).get(job_id)
     assert record["state"] == "failed", record
     assert gate.arrivals == 2

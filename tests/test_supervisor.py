@@ -13,7 +13,6 @@ from tests.nodes import (
     devnet_job,
     make_node,
     node_pids,
-    submit_job,
     wait_until,
 )
 
@@ -49,10 +48,7 @@ def test_a_job_left_mid_claim_by_a_dead_run_is_requeued_by_the_next(
     gated_quorum: GatedQuorum, processes: Processes
 ) -> None:
     devnet, gate, node = gated_quorum.devnet, gated_quorum.gate, gated_quorum.node
-    run = processes.start(node, "run", **FAST)
-    run.wait_for("Daemon starting")
-    job = submit_job(devnet.url)
-    wait_until(lambda: gate.arrivals == 1, what="the claim to arrive")
+    _run, job = gated_quorum.run_until_mid_claim(processes, **FAST)
     for pid in node_pids(node.root):  # power cut: every node process at once
         os.kill(pid, signal.SIGKILL)
     wait_until(lambda: not (node.root / "redis.sock").exists(), what="Redis to stop")
