@@ -24,6 +24,7 @@ from blf.broker import broker_urls
 from blf.config import LoadedConfig, Settings, load_config, resolve_config_path
 from blf.errors import ConfigError
 from blf.logging import configure_logging
+from blf.names import control_queue, model_queue, namespace, node_key
 
 __all__ = [
     "CONTROL_TASKS",
@@ -50,23 +51,6 @@ CONTROL_TASKS = (
 
 # Margin between the longest job and kombu's redelivery of an unacknowledged message.
 VISIBILITY_MARGIN_S = 600
-
-
-def namespace(address: str) -> str:
-    return f"blf.{address.lower()}"
-
-
-def control_queue(address: str) -> str:
-    return f"{namespace(address)}.control"
-
-
-def model_queue(address: str, model_id: str) -> str:
-    return f"{namespace(address)}.model.{model_id}"
-
-
-def node_key(address: str, *parts: str) -> str:
-    """A Redis key of this node's own, e.g. ``blf:0xabc…:seen:<job>``."""
-    return ":".join(("blf", address.lower(), *parts))
 
 
 def visibility_timeout(settings: Settings) -> int:

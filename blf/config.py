@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -52,6 +52,20 @@ PUBLIC_NODE_REGISTRY = "0x72C0Ead949Fd2C346598a30AF1A69c3c5Cb86082"
 PUBLIC_IPFS_GATEWAY = "https://node.lighthouse.storage"
 
 CommaList = Annotated[list[str], NoDecode]
+COFHE_MODES = ("python",)  # served by this release; the public node's "bridge" is not yet
+
+
+class BackendSpec(BaseModel):
+    """Which inference backend serves a model, and its options (``{"backend": "mock"}``,
+    or just ``"mock"``). A model with no entry has no backend: its jobs fail, loudly."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    backend: str
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
 
 
 class Settings(BaseSettings):
@@ -90,6 +104,16 @@ class Settings(BaseSettings):
     node_registry_address: str = PUBLIC_NODE_REGISTRY
     max_fee_gwei: float = Field(50.0, gt=0)
     ipfs_api_url: str | None = None
+    ipfs_gateway_fallbacks: CommaList = Field(default_factory=list)
+    ipfs_timeout_s: float = Field(30.0, gt=0)
+    pinata_jwt: SecretStr | None = None
+    pinata_api_url: str = "https://api.pinata.cloud"
+    cofhe_timeout_s: float = Field(30.0, gt=0)
+    model_backends: dict[str, BackendSpec] = Field(default_factory=dict)
+    cluster_key_file: str = "cluster.key"
+    cluster_key: SecretStr | None = None  # BLF_CLUSTER_KEY on GPU machines; hex, 32 bytes
+    control_key_file: str = "control.key"
+    verifier_poll_max_s: float = Field(10.0, gt=0)
     broker_url: str = ""
     gpus: CommaList = Field(default_factory=list)
     heartbeat_interval_s: float = Field(60.0, gt=0)
@@ -104,7 +128,14 @@ class Settings(BaseSettings):
     control_concurrency: int = Field(4, ge=1)
     inference_concurrency: int = Field(1, ge=1)
 
-    @field_validator("supported_model_ids", "gpus", mode="before")
+    @field_validator("model_backends", mode="before")
+    @classmethod
+    def _backend_shorthand(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: {"backend": v} if isinstance(v, str) else v for k, v in value.items()}
+        return value
+
+    @field_validator("supported_model_ids", "gpus", "ipfs_gateway_fallbacks", mode="before")
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
         # The public node takes lists from the environment comma-separated.
@@ -147,6 +178,11 @@ class Settings(BaseSettings):
         return bool(self.attestation_cert_hash) and bool(self.attestation_expiry)
 
     @property
+    def effective_cofhe_mode(self) -> str:
+        """The public node defaults to "bridge"; a blf-made config leaves it empty: JSON-RPC."""
+        return self.cofhe_mode or "python"
+
+    @property
     def unknown_fields(self) -> list[str]:
         return sorted(self.model_extra or {})
 
@@ -166,6 +202,11 @@ class LoadedConfig:
 
     def keystore_file(self) -> Path:
         return resolve_keystore_path(self.settings.keystore_path, self.directory)
+
+    def beside(self, name: str) -> Path:
+        """A file named in config (cluster key, control key): relative to config.json."""
+        path = Path(name).expanduser()
+        return path if path.is_absolute() else self.directory / path
 
 
 def resolve_config_path(environ: Mapping[str, str] | None = None) -> tuple[Path, list[str]]:

@@ -11,10 +11,23 @@
     │   ├── IclStatusError        a 4xx answer: our request was wrong, never retried
     │   │   └── NodeUnknownError  401/404 on assignments: the ICL forgot us, re-attest
     │   └── IclProtocolError      a 2xx answer that does not match the wire contract
-    └── ChainError                anything about the NodeRegistry chain
-        ├── ChainIdMismatchError  the RPC serves another chain than configured
-        ├── InsufficientFundsError
-        └── ContractRevertError   a call reverted; carries the decoded reason
+    ├── ChainError                anything about the NodeRegistry chain
+    │   ├── ChainIdMismatchError  the RPC serves another chain than configured
+    │   ├── InsufficientFundsError
+    │   └── ContractRevertError   a call reverted; carries the decoded reason
+    ├── CryptoError               a blob, sealed key or commitment input is malformed
+    │   └── TamperedError         AES-GCM authentication failed: wrong key or altered bytes
+    ├── CofheError                anything about CoFHE (threshold decryption, encryption)
+    │   ├── CofheTransportError   unreachable, timeout, 5xx, "busy": transient, retryable
+    │   └── CofheRefusedError     a JSON-RPC error answer (no permit, no ACL grant): permanent
+    └── IpfsError                 anything about IPFS
+        ├── IpfsTransportError    every source unreachable or timing out: transient
+        ├── CidMismatchError      bytes that do not hash to their CID: never used
+        ├── UnverifiableCidError  a CID whose format blf cannot check against the bytes
+        └── NoUploadTargetError   neither ipfs_api_url nor pinata_jwt is configured
+
+Errors marked transient are retried inside the job's deadline; the others fail the job
+once, with the error's line as its recorded reason.
 
 Errors carry the facts needed to act on them (URL, status, field, address), and their
 ``str()`` is a single line fit to show an operator.
@@ -28,14 +41,24 @@ __all__ = [
     "BrokerError",
     "ChainError",
     "ChainIdMismatchError",
+    "CidMismatchError",
+    "CofheError",
+    "CofheRefusedError",
+    "CofheTransportError",
     "ConfigError",
     "ContractRevertError",
+    "CryptoError",
     "IclError",
     "IclProtocolError",
     "IclStatusError",
     "IclTransportError",
     "InsufficientFundsError",
+    "IpfsError",
+    "IpfsTransportError",
+    "NoUploadTargetError",
     "NodeUnknownError",
+    "TamperedError",
+    "UnverifiableCidError",
     "WalletError",
     "WrongPasswordError",
 ]
@@ -112,3 +135,47 @@ class ContractRevertError(ChainError):
     def __init__(self, message: str, *, reason: str):
         super().__init__(message)
         self.reason = reason
+
+
+class CryptoError(BlfError):
+    pass
+
+
+class TamperedError(CryptoError):
+    """AES-GCM refused the bytes: the key is wrong or the ciphertext was altered."""
+
+
+class CofheError(BlfError):
+    pass
+
+
+class CofheTransportError(CofheError):
+    """Connection failure, timeout, 5xx or a "busy" answer: worth retrying later."""
+
+
+class CofheRefusedError(CofheError):
+    """CoFHE answered with an error (bad permit, handle not granted): retrying won't help."""
+
+    def __init__(self, message: str, *, code: int | None = None):
+        super().__init__(message)
+        self.code = code
+
+
+class IpfsError(BlfError):
+    pass
+
+
+class IpfsTransportError(IpfsError):
+    """No source answered in time: worth retrying later."""
+
+
+class CidMismatchError(IpfsError):
+    """Every source that answered served bytes that do not hash to the CID."""
+
+
+class UnverifiableCidError(IpfsError):
+    """A CID whose codec or hash blf cannot check (blf never uses unchecked bytes)."""
+
+
+class NoUploadTargetError(IpfsError):
+    """A leader must upload its output, and no upload target is configured."""

@@ -11,7 +11,7 @@ from typing import Any
 
 import redis
 
-from blf.app import node_key
+from blf.names import node_key
 
 __all__ = ["Journal"]
 

@@ -21,17 +21,14 @@ import os
 import random
 import re
 import secrets
-import socket
 import threading
 import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Annotated, Any, Literal, TypedDict, TypeVar, Unpack
 
-import uvicorn
 from eth_utils import is_address, to_checksum_address
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -40,6 +37,8 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, Validati
 from starlette.requests import ClientDisconnect
 
 from blf.devnet._sig import SignatureRejected, check_signed_request
+from blf.devnet.server import DevnetError, LocalServer, install_error_handler
+from blf.devnet.server import serve as serve_app
 
 __all__ = [
     "DEFAULT_MOCK_ATTESTATION_KEY",
@@ -61,15 +60,6 @@ ACCEPTED = "ACCEPTED"
 REJECTED = "REJECTED"
 DISPUTED = "DISPUTED"
 TIMEDOUT = "TIMEDOUT"
-
-
-class DevnetError(Exception):
-    """A request the devnet refuses; becomes ``{"detail": ...}`` with this HTTP status."""
-
-    def __init__(self, status: int, detail: str):
-        super().__init__(detail)
-        self.status = status
-        self.detail = detail
 
 
 # --------------------------------------------------------------------------- wire validators
@@ -752,7 +742,7 @@ def create_app(
     )
     app = FastAPI(title="Blindference devnet ICL")
     app.state.devnet = state
-    app.add_exception_handler(DevnetError, _devnet_error_response)
+    install_error_handler(app)
     app.add_exception_handler(RequestValidationError, _validation_error_response)
     app.include_router(_internal_router(state))
     app.add_api_route("/", _service_info, methods=["GET"])
@@ -762,11 +752,6 @@ def create_app(
 
 def _service_info() -> dict[str, Any]:
     return {"service": "blindference devnet icl", "protocol": "/internal", "admin": "/admin"}
-
-
-async def _devnet_error_response(_request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, DevnetError)
-    return JSONResponse({"detail": exc.detail}, status_code=exc.status)
 
 
 async def _validation_error_response(_request: Request, exc: Exception) -> JSONResponse:
@@ -879,97 +864,26 @@ def _admin_router(state: DevnetState) -> APIRouter:
 # --------------------------------------------------------------------------- running it
 
 
-def _bind(host: str, port: int) -> socket.socket:
-    # Bound here rather than by uvicorn, so port 0 resolves to a real port before start returns
-    # and the listening socket accepts connections from the first moment.
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    return socket.create_server((host, port), family=family)
-
-
-def _url(host: str, port: int) -> str:
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-
-
-class DevnetIcl:
+class DevnetIcl(LocalServer):
     """The devnet ICL on a background thread, for tests and embedding.
 
-    ``with DevnetIcl() as icl: requests.get(icl.url + "/admin/nodes")``; ``port=0`` picks a
-    free port, readable as ``icl.port`` once started.
+    ``with DevnetIcl() as icl: requests.get(icl.url + "/admin/nodes")``.
     """
 
+    name = "devnet-icl"
+
     def __init__(self, host: str = "127.0.0.1", port: int = 0, **options: Unpack[AppOptions]):
-        self.host = host
-        self.port = port
-        self.app = create_app(**options)
+        super().__init__(create_app(**options), host, port)
         self.state: DevnetState = self.app.state.devnet
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
-
-    @property
-    def url(self) -> str:
-        return _url(self.host, self.port)
-
-    def start(self, timeout_s: float = 10.0) -> DevnetIcl:
-        if self._server is not None:
-            raise RuntimeError("devnet ICL already started")
-        sock = _bind(self.host, self.port)
-        self.port = sock.getsockname()[1]
-        # log_config=None leaves the host process's logging alone (the node has its own format).
-        config = uvicorn.Config(
-            self.app, log_level="warning", log_config=None, access_log=False, lifespan="off"
-        )
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(
-            target=self._server.run, kwargs={"sockets": [sock]}, name="devnet-icl", daemon=True
-        )
-        self._thread.start()
-        self._wait_started(timeout_s)
-        return self
-
-    def _wait_started(self, timeout_s: float) -> None:
-        assert self._server is not None and self._thread is not None
-        deadline = time.monotonic() + timeout_s
-        while not self._server.started:
-            if not self._thread.is_alive():
-                raise RuntimeError(f"devnet ICL failed to start on {self.url}")
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"devnet ICL did not start on {self.url} in {timeout_s} s")
-            time.sleep(0.005)
-
-    def stop(self, timeout_s: float = 10.0) -> None:
-        if self._server is None or self._thread is None:
-            return
-        self._server.should_exit = True
-        self._thread.join(timeout_s)
-        self._server = None
-        self._thread = None
-
-    def __enter__(self) -> DevnetIcl:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 def serve(host: str, port: int, *, log_level: str = "info", **options: Unpack[AppOptions]) -> None:
     """Run the devnet ICL in the foreground until interrupted (``blindference-node devnet icl``)."""
-    app = create_app(**options)
-    sock = _bind(host, port)
     if options.get("mock_attestation_key") is not None:
         key_source = "given"
     elif os.environ.get("MOCK_ATTESTATION_KEY"):
         key_source = "from MOCK_ATTESTATION_KEY"
     else:
         key_source = "the published default"
-    print(
-        f"Devnet ICL listening on {_url(host, sock.getsockname()[1])}"
-        f" (mock attestation key: {key_source})",
-        flush=True,
-    )
-    uvicorn.Server(uvicorn.Config(app, log_level=log_level)).run(sockets=[sock])
+    banner = f"Devnet ICL (mock attestation key: {key_source})"
+    serve_app(create_app(**options), host, port, banner=banner, log_level=log_level)

@@ -1,0 +1,1 @@
+"""Worker entry points: processes that run without the operator key."""
