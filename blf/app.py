@@ -47,6 +47,8 @@ CONTROL_TASKS = (
     "blf.tasks.loops.attestation_watchdog",
     "blf.tasks.loops.chain_heartbeat",
     "blf.tasks.jobs.start_job",
+    "blf.tasks.jobs.unlock_key",
+    "blf.tasks.jobs.finish_job",
 )
 
 # Margin between the longest job and kombu's redelivery of an unacknowledged message.

@@ -16,7 +16,7 @@ from pathlib import Path
 import redis
 
 from blf.children import spawn
-from blf.errors import BrokerError
+from blf.errors import BrokerError, ConfigError
 
 __all__ = ["BrokerUrls", "EmbeddedRedis", "broker_urls"]
 
@@ -49,6 +49,20 @@ def broker_urls(url: str) -> BrokerUrls:
 
 def socket_url(socket: Path) -> BrokerUrls:
     return broker_urls(f"unix://{socket}")
+
+
+def node_broker(broker_url: str, directory: Path) -> BrokerUrls:
+    """The node's Redis for a command that joins it: ``broker_url``, else the embedded
+    Redis of a `run` in this node directory."""
+    if broker_url:
+        return broker_urls(broker_url)
+    socket = directory / SOCKET_NAME
+    if not socket.exists():
+        raise ConfigError(
+            f"no broker_url and no embedded Redis at {socket}: start "
+            "`blindference-node run` first, or set BLF_BROKER_URL"
+        )
+    return socket_url(socket)
 
 
 def ping(urls: BrokerUrls, timeout: float = 1.0) -> bool:

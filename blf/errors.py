@@ -20,6 +20,8 @@
     ├── CofheError                anything about CoFHE (threshold decryption, encryption)
     │   ├── CofheTransportError   unreachable, timeout, 5xx, "busy": transient, retryable
     │   └── CofheRefusedError     a JSON-RPC error answer (no permit, no ACL grant): permanent
+    ├── InferenceError            a model could not run
+    │   └── UnknownModelError     no backend is configured for the model
     └── IpfsError                 anything about IPFS
         ├── IpfsTransportError    every source unreachable or timing out: transient
         ├── CidMismatchError      bytes that do not hash to their CID: never used
@@ -52,12 +54,14 @@ __all__ = [
     "IclProtocolError",
     "IclStatusError",
     "IclTransportError",
+    "InferenceError",
     "InsufficientFundsError",
     "IpfsError",
     "IpfsTransportError",
     "NoUploadTargetError",
     "NodeUnknownError",
     "TamperedError",
+    "UnknownModelError",
     "UnverifiableCidError",
     "WalletError",
     "WrongPasswordError",
@@ -179,3 +183,11 @@ class UnverifiableCidError(IpfsError):
 
 class NoUploadTargetError(IpfsError):
     """A leader must upload its output, and no upload target is configured."""
+
+
+class InferenceError(BlfError):
+    pass
+
+
+class UnknownModelError(InferenceError):
+    """No backend is configured for a model: its jobs fail rather than fall back."""

@@ -223,6 +223,18 @@ class JobStatus(Wire):
     failure_reason: Any = Field(None, alias="failureReason")
     node_assignments: Any = Field(None, alias="nodeAssignments")
 
+    def submitted_by(self, address: str) -> bool | None:
+        """Whether the ICL has this node's submission, when its answer says (the devnet's
+        ``nodeAssignments.submitted`` does); None when it cannot tell."""
+        listed = (
+            self.node_assignments.get("submitted")
+            if isinstance(self.node_assignments, dict)
+            else None
+        )
+        if not isinstance(listed, list):
+            return None
+        return to_checksum_address(address) in {str(a) for a in listed}
+
 
 class StatusAck(Wire):
     status: str

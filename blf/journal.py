@@ -2,6 +2,12 @@
 
 A job's record is a hash ``blf:<address>:job:<id>``; ``blf:<address>:jobs`` indexes them
 by last update. Records expire after a week: the ICL, not us, is the system of record.
+
+A record holds the state, the time of each state (``<state>_at``) and the seconds spent in
+each stage (``queue_s``, ``claim_s``, ``key_s``, ``gpu_queue_s``, ``download_s``,
+``inference_s``, ``upload_s``, ``output_key_s``, ``submit_s``; ``total_s`` from the poll
+that saw the job to its submission), plus ids, hashes and reasons: never a prompt, an
+output or a key.
 """
 
 from __future__ import annotations
@@ -41,9 +47,16 @@ class Journal:
     def get(self, job_id: str) -> dict[str, str]:
         return dict(self._redis.hgetall(self._job_key(job_id)))  # type: ignore[arg-type]
 
-    def count_delivery(self, job_id: str, attempt: int, ttl_s: int) -> int:
-        """How many times this attempt of the job has been delivered to a worker."""
-        key = node_key(self._address, "deliveries", job_id, str(attempt))
+    def recent(self, limit: int) -> list[tuple[str, dict[str, str]]]:
+        """The ``limit`` most recently updated jobs, newest first (expired ones skipped)."""
+        ids = self._redis.zrevrange(node_key(self._address, "jobs"), 0, max(limit, 1) - 1)
+        found = [(str(job_id), self.get(str(job_id))) for job_id in ids]
+        return [(job_id, record) for job_id, record in found if record]
+
+    def count_delivery(self, job_id: str, attempt: str, ttl_s: int) -> int:
+        """How many times this attempt (a step and its retry number) of the job has been
+        delivered to a worker."""
+        key = node_key(self._address, "deliveries", job_id, attempt)
         with self._redis.pipeline() as pipe:
             pipe.incr(key)
             pipe.expire(key, ttl_s)

@@ -28,7 +28,9 @@ from blf.broker import EmbeddedRedis, broker_urls
 from blf.children import child_env, spawn
 from blf.errors import BlfError, BrokerError
 from blf.icl import DEFAULT_RETRY, Retry
+from blf.keyfiles import control_key, create_key_file
 from blf.node import Node
+from blf.readiness import job_warnings
 
 __all__ = ["Supervisor"]
 
@@ -82,6 +84,7 @@ class Supervisor:
             yield
 
     def _run(self) -> int:
+        self._ensure_keys()
         broker = self._start_broker()
         if self.node.needs_attestation() and not self._stop.is_set():
             log.info("Certificate missing or expiring within 6 h: re-attesting")
@@ -100,6 +103,15 @@ class Supervisor:
             self._heartbeat("Final heartbeat sent to ICL", retry=FINAL_HEARTBEAT_RETRY)
             log.info("Node stopped")
         return code
+
+    def _ensure_keys(self) -> None:
+        """A directory made by the public node has neither key yet: make them here."""
+        config = self.node.config
+        cluster = config.beside(self.node.settings.cluster_key_file)
+        if not cluster.exists() and not self.node.settings.cluster_key:
+            create_key_file(cluster)
+            log.info("Created the cluster key %s (copy it to GPU machines)", cluster)
+        control_key(config.beside(self.node.settings.control_key_file))
 
     def _start_broker(self) -> str:
         configured = self.node.settings.broker_url
@@ -124,6 +136,9 @@ class Supervisor:
         log.info("  Tier    : %s", settings.tier)
         log.info("  Models  : %s", ", ".join(settings.supported_model_ids) or "(none)")
         log.info("  Cert    : expires in %ds", self.node.cert_seconds_left() or 0)
+        log.info("  CoFHE   : %s", settings.effective_cofhe_mode)
+        for warning in job_warnings(settings):
+            log.warning("%s", warning)
 
     def _heartbeat(self, success: str, *, retry: Retry | None = None) -> None:
         try:
@@ -141,8 +156,11 @@ class Supervisor:
             BLF_BROKER_URL=broker,
             BLF_NODE_ADDRESS=self.node.address,
         )
-        command = [sys.executable, "-m", "blf"]
-        command += ["beat"] if role == "beat" else ["worker", "--role", role]
+        if role == "inference":
+            command = [sys.executable, "-m", "workers.gpu"]  # the key-free entry point
+        else:
+            command = [sys.executable, "-m", "blf"]
+            command += ["beat"] if role == "beat" else ["worker", "--role", role]
         if role == "control":
             command.append("--password-stdin")
         process = spawn(command, env=env, stdin=subprocess.PIPE)

@@ -18,6 +18,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,9 +30,11 @@ from click.testing import CliRunner, Result
 from starlette.requests import Request
 
 from blf.app import configure
+from blf.authority import MAC_HEADER, message_mac
 from blf.cli import cli
 from blf.config import load_config
 from blf.devnet.icl import DevnetIcl
+from blf.keyfiles import control_key
 
 PASSWORD = "correct horse battery staple"
 T = TypeVar("T")
@@ -313,13 +316,25 @@ def submit_job(url: str, model: str = "test-model", **fields: Any) -> dict[str, 
     return dict(answer.json())
 
 
-def send_tasks(node: NodeDir, broker: str, name: str, count: int = 1) -> None:
-    """Send tasks as the node's beat would, through a Celery app of the test's own (the
-    module-level app would keep a pool to whatever broker an earlier test used)."""
+def send_tasks(
+    node: NodeDir,
+    broker: str,
+    name: str,
+    count: int = 1,
+    *,
+    kwargs: dict[str, Any] | None = None,
+    signed: bool = True,
+) -> None:
+    """Send tasks as the node's beat would (signed with its control key), through a Celery
+    app of the test's own (the module-level app would keep a pool to whatever broker an
+    earlier test used). ``signed=False`` sends what a GPU host could."""
     settings = load_config(node.config_path).settings.model_copy(update={"broker_url": broker})
     sender = configure(settings, target=Celery("blf-test", set_as_current=False))
+    key = control_key(node.root / settings.control_key_file)
     try:
         for _ in range(count):
-            sender.send_task(name)
+            task_id = uuid.uuid4().hex
+            headers = {MAC_HEADER: message_mac(key, name, task_id, (), kwargs)} if signed else {}
+            sender.send_task(name, kwargs=kwargs, task_id=task_id, headers=headers)
     finally:
         sender.close()

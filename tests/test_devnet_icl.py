@@ -472,6 +472,7 @@ def test_three_node_job_is_accepted(icl: DevnetIcl, clock: FakeClock) -> None:
         "nodeAssignments": {
             "leader": leader.address,
             "verifiers": [v.address for v in verifiers],
+            "submitted": [leader.address, *(v.address for v in verifiers)],
         },
     }
     record = admin_job(icl, job_id)

@@ -91,7 +91,7 @@ def public_config(address: str, **overrides: Any) -> dict[str, Any]:
         "attestation_expiry": int(time.time()) + 5 * 86400,
         "registered_on_chain": True,
         "stake_amount_wei": 10**21,  # beyond 64 bits: must survive as an exact integer
-        "cofhe_mode": "sdk",
+        "cofhe_mode": "python",
         "cofhe_endpoint": "https://cofhe.example/rpc",
         "cofhe_chain_id": 421614,
         "skip_output_key_storage": False,
@@ -370,3 +370,18 @@ def test_run_starts_and_heartbeats_on_the_public_files(
     run.signal(signal.SIGTERM)
     assert run.wait() == 0, run.output()
     assert node.config() == before  # the override and the run left the file as it was
+
+
+def test_run_refuses_a_cofhe_mode_it_cannot_serve(
+    account: LocalAccount, keystore: dict[str, Any], devnet: DevnetIcl
+) -> None:
+    """The public node's default mode is "bridge": blf says which modes it has, before it
+    unlocks the key or claims anything."""
+    node = write_public_node(short_tempdir(), account, keystore)
+    env = {"BLF_CONFIG_PATH": "", "BLF_CONFIG_DIR": str(node.root), "BLF_ICL_ENDPOINT": devnet.url}
+    assert node.invoke("attest", "--mock", env=env).exit_code == 0
+    result = node.invoke("run", env={**env, "BLF_COFHE_MODE": "bridge"})
+    assert result.exit_code == 2
+    line = error_line(result)
+    assert "cofhe_mode 'bridge' is not available" in line and "available: python" in line
+    assert devnet_node(devnet.url, account.address)["heartbeats"] == []

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
-import sys
+import signal
+import threading
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -38,53 +41,165 @@ def devnet_icl(host: str, port: int, mock_key: str | None) -> None:
     serve(host, port, mock_attestation_key=mock_key)
 
 
-@devnet.command("up")
-@click.option(
+DEFAULT_DIR = Path("~/.blindference-devnet")
+dir_option = click.option(
     "--dir",
     "directory",
     type=click.Path(file_okay=False, path_type=Path),
-    default=Path("~/.blindference-devnet"),
+    default=DEFAULT_DIR,
     show_default=True,
-    help="Where the devnet node keeps its config, keystore and Redis data.",
+    help="The devnet's directory: devnet.json and one directory per node.",
 )
-@click.option("--models", default="demo-model", show_default=True, help="Model ids to list.")
+
+
+@devnet.command("up")
+@dir_option
+@click.option(
+    "--nodes",
+    default=3,
+    show_default=True,
+    type=click.IntRange(1, 16),
+    help="Local nodes to run (a job needs 3: a leader and two verifiers).",
+)
+@click.option(
+    "--model",
+    default="demo-model",
+    show_default=True,
+    help="Model id the nodes serve, with the mock backend (not a model).",
+)
 @click.option("--port", default=0, type=int, help="Port for the local ICL (default: any free).")
-def devnet_up(directory: Path, models: str, port: int) -> None:
-    """Try blf with nothing but this machine: start a local ICL, create a node (first
-    time only), attest it, and run it until Ctrl+C. The keystore password is
-    BLF_KEY_PASSWORD, else "devnet"."""
-    from blf.cli.node import init
-    from blf.config import load_config
-    from blf.devnet.icl import DevnetIcl
-    from blf.logging import configure_logging
-    from blf.node import open_node
-    from blf.supervisor import Supervisor
+def devnet_up(directory: Path, nodes: int, model: str, port: int) -> None:
+    """Try blf with nothing but this machine: a local ICL, CoFHE and IPFS, and NODES local
+    nodes (created the first time), attested and running until Ctrl+C. Submit jobs with
+    `devnet submit`. The nodes' keystore password is BLF_KEY_PASSWORD, else "devnet"."""
+    from blf.devnet.network import LocalNetwork
 
-    config_path = directory.expanduser() / "node" / "config.json"
-    password = os.environ.setdefault(PASSWORD_ENV, DEVNET_PASSWORD)
-    with DevnetIcl(port=port) as icl:
-        # Run-time overrides only: the node's file keeps pointing wherever it was made for.
-        os.environ["BLF_CONFIG_PATH"] = str(config_path)
-        os.environ["BLF_ICL_ENDPOINT"] = icl.url
-        os.environ.pop("BLF_CONFIG_DIR", None)
-        if not config_path.exists():
-            click.get_current_context().invoke(init, models=(models,), icl_endpoint=icl.url)
-        click.echo(_banner(icl.url, config_path))
-        node = open_node(load_config(config_path), password=password)
-        configure_logging(node.address, node.settings.log_level)
-        node.attest()  # the devnet starts empty every time
-        code = Supervisor(node=node, password=password).run()
-    sys.exit(code)
+    root = directory.expanduser().absolute()
+    password = os.environ.get(PASSWORD_ENV) or DEVNET_PASSWORD
+    network = LocalNetwork(root, nodes=nodes, model=model, password=password)
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    try:
+        network.start(icl_port=port)
+        network.wait_ready()
+        click.echo(_banner(network, root))
+        click.echo("Devnet ready", nl=True)
+        _report_jobs(network, stop)
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        network.stop()
+    click.echo("Devnet stopped")
 
 
-def _banner(icl_url: str, config_path: Path) -> str:
-    return f"""
-Devnet ICL : {icl_url}   (jobs: POST {icl_url}/admin/jobs, nodes: GET {icl_url}/admin/nodes)
-Node dir   : {config_path.parent}
-Stop with Ctrl+C.
+def _report_jobs(network: Any, stop: threading.Event) -> None:
+    """One line per job that reaches a final state, until stopped."""
+    reported: set[str] = set()
+    while not stop.wait(0.5):
+        for node in network.members:
+            if node.process is not None and node.process.poll() is not None:
+                raise RuntimeError(f"{node.directory.name} exited with {node.process.returncode}")
+        for job in network.icl.state.job_records()["jobs"]:
+            if job["status"] == "QUEUED" or job["jobId"] in reported:
+                continue
+            reported.add(job["jobId"])
+            verdicts = ", ".join(v["verdict"] for v in job["verdicts"].values()) or "none"
+            click.echo(
+                f"Job {job['jobId'][:16]}...: {job['status']} (model {job['modelId']}, "
+                f"verdicts: {verdicts})"
+            )
 
-To join the public network instead (https://icl.blindference.xyz):
-  blindference-node init --models <model-id>     # creates ~/.blindference/config.json
-  blindference-node attest --mock
-  blindference-node run
-"""
+
+def _banner(network: Any, root: Path) -> str:
+    lines = [
+        "",
+        f"Devnet ICL   : {network.icl.url}",
+        f"Devnet CoFHE : {network.cofhe.url}",
+        f"Devnet IPFS  : {network.ipfs.url}",
+        f"Devnet file  : {root / 'devnet.json'}",
+    ]
+    lines += [f"Node {n.directory.name:7}: {n.address}" for n in network.members]
+    lines += [
+        "",
+        "Send a job from another terminal:",
+        f'  blindference-node devnet submit --dir {root} --prompt "Hello" --wait',
+        "Stop with Ctrl+C.",
+        "",
+        "To join the public network instead (https://icl.blindference.xyz):",
+        "  blindference-node init --models <model-id>     # creates ~/.blindference/config.json",
+        "  blindference-node attest --mock",
+        "  blindference-node run",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+@devnet.command("submit")
+@dir_option
+@click.option("--prompt", required=True, help="The prompt text (encrypted before it leaves).")
+@click.option("--model", default="demo-model", show_default=True, help="Model id.")
+@click.option("--wait", is_flag=True, help="Wait for the job's final status and its output.")
+@click.option("--timeout", default=120.0, show_default=True, help="Seconds --wait waits.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object (job_id, status, output).")
+def devnet_submit(
+    directory: Path, prompt: str, model: str, wait: bool, timeout: float, as_json: bool
+) -> None:
+    """Act as a user of the running devnet: encrypt the prompt, store its key in CoFHE,
+    upload it to IPFS and create the job."""
+    from blf.devnet.user import DevnetInfo, DevnetUser
+
+    user = DevnetUser(DevnetInfo.read(directory.expanduser() / "devnet.json"))
+    try:
+        job_id = user.submit(prompt, model)
+        if not wait:
+            _print_job(user, user.job(job_id), as_json, with_output=False)
+            return
+        record = user.wait(job_id, timeout)
+        _print_job(user, record, as_json, with_output=True)
+    finally:
+        user.close()
+    if record["status"] == "QUEUED":
+        raise click.ClickException(f"job {job_id} still QUEUED after {timeout:.0f}s")
+
+
+@devnet.command("show")
+@dir_option
+@click.argument("job_id")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object.")
+def devnet_show(directory: Path, job_id: str, as_json: bool) -> None:
+    """A devnet job's status, and the leader's output decrypted as the user would."""
+    from blf.devnet.user import DevnetInfo, DevnetUser
+
+    user = DevnetUser(DevnetInfo.read(directory.expanduser() / "devnet.json"))
+    try:
+        _print_job(user, user.job(job_id), as_json, with_output=True)
+    finally:
+        user.close()
+
+
+def _print_job(user: Any, record: dict[str, Any], as_json: bool, *, with_output: bool) -> None:
+    output = user.output(record) if with_output else None
+    summary = {
+        "job_id": record["jobId"],
+        "status": record["status"],
+        "model": record["modelId"],
+        "leader": record["leader"],
+        "verifiers": record["verifiers"],
+        "verdicts": {a: v["verdict"] for a, v in record["verdicts"].items()},
+        "output_cid": record["outputCid"],
+        "output": output,
+        "failure_reason": record["failureReason"],
+    }
+    if as_json:
+        click.echo(json.dumps(summary))
+        return
+    click.echo(f"Job      {summary['job_id']}")
+    click.echo(f"Status   {summary['status']}")
+    click.echo(f"Leader   {summary['leader']}")
+    for address, verdict in summary["verdicts"].items():
+        click.echo(f"Verdict  {verdict} from {address}")
+    if summary["failure_reason"]:
+        click.echo(f"Reason   {summary['failure_reason']}")
+    if output is not None:
+        click.echo(f"Output   {output}")

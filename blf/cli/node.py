@@ -21,11 +21,14 @@ from blf.config import (
 from blf.errors import BlfError
 from blf.gpu import detect_gpus
 from blf.icl import Retry, probe
+from blf.keyfiles import create_key_file
 from blf.node import Node, open_node
 from blf.redact import display_url
 from blf.wallet import PRIVATE_KEY_ENV, create_keystore, keystore_address, read_password
 
 KEYSTORE_NAME = "keystore.json"
+CLUSTER_KEY_NAME = "cluster.key"
+CONTROL_KEY_NAME = "control.key"
 # An operator is waiting at the terminal and can rerun: one quick retry for a 5xx blip,
 # not the daemon's four attempts (about 3.5 s of backoff before a dead URL is reported).
 CLI_RETRY = Retry(attempts=2, backoff=0.5, backoff_max=0.5)
@@ -125,11 +128,20 @@ def init(models: tuple[str, ...], icl_endpoint: str | None, force: bool) -> None
     address = create_keystore(keystore, password, os.environ.get(PRIVATE_KEY_ENV))
     config["node_address"] = address
     write_new_config(path, config)
+    _new_key_files(path.parent)
     click.echo(f"Node initialised in {path.parent}")
     click.echo(f"  Address : {address}")
     click.echo(f"  Models  : {', '.join(config['supported_model_ids']) or '(none)'}")  # type: ignore[arg-type]
     click.echo(f"  GPUs    : {', '.join(gpus) or 'none found (fine for a control machine)'}")
+    click.echo(f"  Keys    : {CLUSTER_KEY_NAME} (copy to GPU machines), {CONTROL_KEY_NAME} (never)")
     click.echo("Next: blindference-node attest --mock")
+
+
+def _new_key_files(directory: Path) -> None:
+    """The cluster key (copied to GPU machines) and the control key (never copied)."""
+    for name in (CLUSTER_KEY_NAME, CONTROL_KEY_NAME):
+        (directory / name).unlink(missing_ok=True)  # --force: a new node, new keys
+        create_key_file(directory / name)
 
 
 # --- attest ------------------------------------------------------------------------------

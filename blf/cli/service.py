@@ -45,6 +45,7 @@ def run() -> None:
     inference worker. SIGINT/SIGTERM stop it gracefully: no new assignments, running jobs
     finish (up to shutdown_timeout_s), a final heartbeat, then exit 0."""
     from blf.node import open_node
+    from blf.readiness import check_servable
     from blf.supervisor import Supervisor
     from blf.wallet import read_password
 
@@ -52,6 +53,7 @@ def run() -> None:
     if not loaded.settings.attested:
         click.echo(NO_ATTESTATION, err=True)
         sys.exit(1)
+    check_servable(loaded.settings)
     password = read_password()
     node = open_node(loaded, password=password)
     configure_logging(node.address, loaded.settings.log_level)
@@ -64,8 +66,9 @@ def run() -> None:
     type=click.Choice(["control", "inference"]),
     default="control",
     show_default=True,
-    help="control: heartbeat, poller, claims, chain; needs the keystore. inference: the model "
-    "queues only; no key (GPU machines).",
+    help="control: heartbeat, poller, claims, CoFHE, submissions, chain; needs the keystore. "
+    "inference: the model queues only (same as `python -m workers.gpu`); no key, only the "
+    "cluster key (GPU machines).",
 )
 @click.option("--beat", "with_beat", is_flag=True, help="Also run the beat scheduler inside.")
 @click.option("--concurrency", type=int, default=None, help="Parallel tasks (default from config).")
@@ -74,36 +77,30 @@ def run() -> None:
 )
 def worker(role: str, with_beat: bool, concurrency: int | None, password_stdin: bool) -> None:
     """Run one Celery worker of this node against its broker_url."""
+    if role == "inference":
+        _exec_gpu_worker(concurrency)
     from blf import runtime
-    from blf.app import app, configure, control_queue, model_queue, settings_with_address
+    from blf.app import app, configure, control_queue, settings_with_address
+    from blf.node import open_node
 
     loaded = _loaded()
     _require_broker(loaded)
     settings = settings_with_address(loaded)
-    control = role == "control"
-    if control:
-        from blf.node import open_node
-
-        password = sys.stdin.readline().rstrip("\n") if password_stdin else None
-        node = open_node(loaded, password=password)
-        runtime.install(node)
-        settings = settings.model_copy(update={"node_address": node.address})
-        queues = [control_queue(node.address)]
-    else:
-        queues = [model_queue(settings.node_address, m) for m in settings.supported_model_ids]
-        if not queues:
-            raise ConfigError(f"{loaded.path}: no supported_model_ids: no model queue to serve")
+    password = sys.stdin.readline().rstrip("\n") if password_stdin else None
+    node = open_node(loaded, password=password)
+    runtime.install(node)
+    settings = settings.model_copy(update={"node_address": node.address})
     configure(settings)
+    _load_control_key(loaded)
     configure_logging(settings.node_address, settings.log_level)
     _warn_if_root()
     instance = app.Worker(
-        hostname=f"{role}.{settings.node_address[:10]}@{socket.gethostname()}",
-        queues=queues,
+        hostname=f"control.{settings.node_address[:10]}@{socket.gethostname()}",
+        queues=[control_queue(node.address)],
         beat=with_beat,
-        # Control tasks wait on HTTP and the chain: threads. Inference is CPU/GPU: processes.
-        pool="threads" if control else "prefork",
-        concurrency=concurrency
-        or (settings.control_concurrency if control else settings.inference_concurrency),
+        # Control tasks wait on HTTP, CoFHE and the chain: threads.
+        pool="threads",
+        concurrency=concurrency or settings.control_concurrency,
         loglevel=settings.log_level,
         without_mingle=True,
         without_gossip=True,
@@ -111,6 +108,23 @@ def worker(role: str, with_beat: bool, concurrency: int | None, password_stdin: 
     )
     instance.start()
     sys.exit(instance.exitcode or 0)
+
+
+def _exec_gpu_worker(concurrency: int | None) -> None:
+    """The inference role is the key-free GPU entry point (``python -m workers.gpu``): this
+    process has imported the CLI, and with it the operator-side modules, so it is replaced."""
+    command = [sys.executable, "-m", "workers.gpu"]
+    if concurrency:
+        command += ["--concurrency", str(concurrency)]
+    os.execv(sys.executable, command)
+
+
+def _load_control_key(loaded: LoadedConfig) -> None:
+    """Control-side processes sign what they publish (see blf.authority)."""
+    from blf.authority import install_control_key
+    from blf.keyfiles import control_key
+
+    install_control_key(control_key(loaded.beside(loaded.settings.control_key_file)))
 
 
 def _warn_if_root() -> None:
@@ -131,6 +145,7 @@ def beat() -> None:
     _require_broker(loaded)
     settings = settings_with_address(loaded)
     configure(settings)
+    _load_control_key(loaded)
     configure_logging(settings.node_address, settings.log_level)
     app.Beat(loglevel=settings.log_level, quiet=True).run()
 
@@ -143,20 +158,12 @@ def flower(port: int, address: str) -> None:
 
     Uses broker_url, or the embedded Redis of a running `run` in this node directory.
     """
-    from blf.broker import SOCKET_NAME, broker_urls
+    from blf.broker import node_broker
     from blf.children import child_env
 
     loaded = _loaded()
-    broker = loaded.settings.broker_url
-    if not broker:
-        socket_path = loaded.directory / SOCKET_NAME
-        if not socket_path.exists():
-            raise ConfigError(
-                f"no broker_url and no embedded Redis at {socket_path}: start "
-                "`blindference-node run` first, or set BLF_BROKER_URL"
-            )
-        broker = f"unix://{socket_path}"
-    env = child_env(BLF_CONFIG_PATH=str(loaded.path), BLF_BROKER_URL=broker_urls(broker).celery)
+    broker = node_broker(loaded.settings.broker_url, loaded.directory)
+    env = child_env(BLF_CONFIG_PATH=str(loaded.path), BLF_BROKER_URL=broker.celery)
     command = [sys.executable, "-m", "celery", "-A", "blf.app", "flower"]
     command += [f"--port={port}", f"--address={address}"]
     os.execve(sys.executable, command, env)

@@ -25,9 +25,9 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal, TypedDict, TypeVar, Unpack
+from typing import Annotated, Any, Literal, Protocol, TypedDict, TypeVar, Unpack
 
 from eth_utils import is_address, to_checksum_address
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -182,6 +182,14 @@ class NewJobRequest(BaseModel):
     userAddress: AnyAddress
     insuranceOptIn: bool = False
     deadlineSeconds: Annotated[int, Field(gt=0)] = 600
+    # Tests and trials may pick the quorum (leader first) instead of the random choice.
+    quorum: Annotated[list[ChecksumAddress], Field(min_length=3, max_length=3)] | None = None
+
+
+class KeyGrants(Protocol):
+    """Who may decrypt a CoFHE handle: the devnet CoFHE, when one runs beside this ICL."""
+
+    def grant(self, handle: int, addresses: Iterable[str]) -> None: ...
 
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
@@ -271,6 +279,8 @@ class Job:
     verdicts: dict[str, Verdict] = field(default_factory=dict)
     claims: dict[str, int] = field(default_factory=dict)
     polls: dict[str, int] = field(default_factory=dict)  # times listed to each node
+    result_posts: int = 0  # every POST /task/result, repeats included: exactly-once checks
+    verdict_posts: dict[str, int] = field(default_factory=dict)
 
     @property
     def quorum(self) -> list[str]:
@@ -297,6 +307,7 @@ class DevnetState:
         verifiers_wait_for_leader: bool,
         relist_claimed: bool,
         clock: Callable[[], float],
+        grants: KeyGrants | None = None,
     ):
         self.mock_attestation_key = mock_attestation_key
         self.cert_ttl_s = cert_ttl_s
@@ -304,6 +315,7 @@ class DevnetState:
         self.verifiers_wait_for_leader = verifiers_wait_for_leader
         self.relist_claimed = relist_claimed
         self.clock = clock
+        self.grants = grants
         self.lock = threading.Lock()
         self.rng = random.Random()  # seed it for a reproducible quorum choice
         self.challenges: dict[str, Challenge] = {}
@@ -454,8 +466,10 @@ class DevnetState:
             job = self._job(req.jobId)
             if signer != job.leader:
                 raise DevnetError(400, f"{signer} is not the leader of job {job.job_id}")
+            job.result_posts += 1
             committed = False
             if job.result is None:
+                self._grant_output_key(job, req)
                 job.result = LeaderResult(
                     output_cid=req.output_cid,
                     commitment_hash=req.commitment_hash,
@@ -486,6 +500,7 @@ class DevnetState:
             address = req.verifier_address
             if address not in job.verifiers:
                 raise DevnetError(400, f"{address} is not a verifier of job {job.job_id}")
+            job.verdict_posts[address] = job.verdict_posts.get(address, 0) + 1
             committed = False
             previous = job.verdicts.get(address)
             if previous is None:
@@ -512,8 +527,24 @@ class DevnetState:
                 "outputCid": job.result.output_cid if job.result else None,
                 "leaderCommitment": job.result.commitment_hash if job.result else None,
                 "failureReason": job.failure_reason,
-                "nodeAssignments": {"leader": job.leader, "verifiers": list(job.verifiers)},
+                "nodeAssignments": {
+                    "leader": job.leader,
+                    "verifiers": list(job.verifiers),
+                    # Not in the public ICL's answer: lets a node settle an ambiguous send.
+                    "submitted": _submitted(job),
+                },
             }
+
+    def _grant_output_key(self, job: Job, req: ResultRequest) -> None:
+        # The public network grants the user on chain (PromptKeyStore.storeOutputKey); the
+        # JSON-RPC form has no grant call, so the devnet grants when it records the result.
+        if self.grants is None:
+            return
+        for handle in (req.encrypted_output_key_high, req.encrypted_output_key_low):
+            try:
+                self.grants.grant(int(handle), [job.user_address])
+            except (KeyError, ValueError, DevnetError) as exc:
+                raise DevnetError(400, f"output key handle {handle} unknown to CoFHE") from exc
 
     def _job(self, job_id: str) -> Job:
         """The job, brought up to date with the clock (caller holds the lock)."""
@@ -565,7 +596,8 @@ class DevnetState:
                     f" a job needs {QUORUM_SIZE} (attested, certificate valid, heartbeat within"
                     f" {self.liveness_window_s} s)",
                 )
-            leader, *verifiers = self.rng.sample(live, QUORUM_SIZE)
+            leader, *verifiers = self._quorum(req, live)
+            self._grant_prompt_key(req, [leader, *verifiers])
             job = Job(
                 job_id=secrets.token_hex(32),
                 model_id=req.modelId,
@@ -584,6 +616,23 @@ class DevnetState:
             job.polls = dict.fromkeys(job.quorum, 0)
             self.jobs[job.job_id] = job
         return {"jobId": job.job_id, "leader": leader, "verifiers": verifiers}
+
+    def _quorum(self, req: NewJobRequest, live: list[str]) -> list[str]:
+        if req.quorum is None:
+            return self.rng.sample(live, QUORUM_SIZE)
+        idle = [a for a in req.quorum if a not in live]
+        if idle or len(set(req.quorum)) != QUORUM_SIZE:
+            raise DevnetError(409, f"quorum must be {QUORUM_SIZE} distinct live nodes: {idle}")
+        return list(req.quorum)
+
+    def _grant_prompt_key(self, req: NewJobRequest, quorum: list[str]) -> None:
+        if self.grants is None:
+            return
+        for handle in (req.kpHighHandle, req.kpLowHandle):
+            try:
+                self.grants.grant(handle, quorum)
+            except (KeyError, DevnetError) as exc:
+                raise DevnetError(400, f"prompt key handle {handle} unknown to CoFHE") from exc
 
     def _eligible(self, node: Operator, model_id: str, now: float) -> bool:
         return model_id in node.models and self._is_live(node, now)
@@ -648,6 +697,10 @@ def _assignment(job: Job, address: str) -> dict[str, Any]:
     }
 
 
+def _submitted(job: Job) -> list[str]:
+    return ([job.leader] if job.result else []) + list(job.verdicts)
+
+
 def _job_record(job: Job) -> dict[str, Any]:
     result = None
     if job.result is not None:
@@ -690,6 +743,8 @@ def _job_record(job: Job) -> dict[str, Any]:
         },
         "claims": dict(job.claims),
         "polls": dict(job.polls),
+        "resultPosts": job.result_posts,
+        "verdictPosts": dict(job.verdict_posts),
     }
 
 
@@ -705,6 +760,7 @@ class AppOptions(TypedDict, total=False):
     verifiers_wait_for_leader: bool
     relist_claimed: bool
     clock: Callable[[], float]
+    grants: KeyGrants | None
 
 
 @dataclass(frozen=True)
@@ -723,6 +779,7 @@ def create_app(
     verifiers_wait_for_leader: bool = True,
     relist_claimed: bool = False,
     clock: Callable[[], float] = time.time,
+    grants: KeyGrants | None = None,
 ) -> FastAPI:
     """Build the devnet ICL app; its state is ``app.state.devnet`` (a DevnetState).
 
@@ -739,6 +796,7 @@ def create_app(
         verifiers_wait_for_leader=verifiers_wait_for_leader,
         relist_claimed=relist_claimed,
         clock=clock,
+        grants=grants,
     )
     app = FastAPI(title="Blindference devnet ICL")
     app.state.devnet = state

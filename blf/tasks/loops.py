@@ -19,10 +19,12 @@ from redis.exceptions import LockError
 
 from blf import runtime
 from blf.app import app, node_key
+from blf.authority import ControlTask
 from blf.errors import BlfError, NodeUnknownError
 from blf.icl import NO_RETRY, Assignment
+from blf.payloads import JobTicket
 from blf.tasks import short
-from blf.tasks.jobs import RECORD_GRACE_S, JobTicket, start_job
+from blf.tasks.jobs import RECORD_GRACE_S, start_job
 
 __all__ = ["attestation_watchdog", "chain_heartbeat", "icl_heartbeat", "poll_assignments"]
 
@@ -36,7 +38,7 @@ ATTEST_LOCK_S = 120
 REATTEST_BACKOFF_S = 60
 CHAIN_LOCK_S = 300  # longer than a heartbeat transaction takes to be mined
 
-periodic = app.task(acks_late=False, ignore_result=True)
+periodic = app.task(base=ControlTask, acks_late=False, ignore_result=True)
 
 # Set when this worker begins a warm shutdown: a poll tick already fetched from the queue
 # must not take on new jobs while the node is stopping.
@@ -115,7 +117,8 @@ def _mark_pending(assignment: Assignment) -> bool:
 
 
 def _enqueue(assignment: Assignment) -> None:
-    ticket = JobTicket.from_assignment(assignment)
+    fields = assignment.model_dump(include=set(JobTicket.model_fields))
+    ticket = JobTicket.model_validate({**fields, "enqueued_at": time.time()})
     log.info("Spawning %s job %s", ticket.role, short(ticket.job_id))
     key = _key("seen", ticket.job_id)
     try:

@@ -1,0 +1,156 @@
+"""Who may command the control queue: only the control machine.
+
+A GPU host shares the node's Redis, so it can put any message on any queue. The control
+worker therefore runs a message only with proof that the control machine asked for it:
+
+* **signed**: an HMAC-SHA256 over the task name, id, args and kwargs, in the ``blf_mac``
+  header, made with the node's control key (``control.key`` beside config.json, 0600).
+  Only control-side processes (beat, the control worker, the CLI) load that key; every
+  message they publish is signed on the way out, retries included. GPU machines never
+  have it.
+* **a continuation**: the one message that follows GPU work (``finish_job``) carries a
+  random token that the control side issued for that job and step when it dispatched the
+  GPU work. The token is good for one message: the first task id that redeems it owns it,
+  so a redelivery of that same message still runs and any other message is refused. The
+  job's ticket comes from the control side's own record, not from the message.
+
+Anything else is refused with a logged reason and acknowledged (it is never retried).
+A signed message can be replayed by whoever reads Redis; every control task is idempotent
+for that reason (marks, not trust, keep claims and submissions single).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import secrets
+from typing import Any
+
+import redis
+from celery import Task
+from celery.signals import before_task_publish
+
+from blf.names import node_key
+from blf.payloads import JobTicket
+
+__all__ = [
+    "MAC_HEADER",
+    "ControlTask",
+    "Refused",
+    "install_control_key",
+    "issue_continuation",
+    "message_mac",
+    "redeem_continuation",
+]
+
+log = logging.getLogger("blf.authority")
+
+MAC_HEADER = "blf_mac"
+
+_control_key: bytes | None = None
+
+
+class Refused(Exception):
+    """A control-queue message without valid proof; ``str()`` is the logged reason."""
+
+
+def install_control_key(key: bytes) -> None:
+    """Sign everything this process publishes, and accept what is signed with ``key``."""
+    global _control_key
+    _control_key = key
+
+
+def message_mac(key: bytes, name: str, task_id: str, args: Any, kwargs: Any) -> str:
+    # JSON is what crosses the broker, so the MAC covers the JSON form (tuples as lists).
+    text = json.dumps(
+        [name, task_id, list(args or ()), kwargs or {}], sort_keys=True, separators=(",", ":")
+    )
+    return hmac.new(key, text.encode("utf-8"), hashlib.sha256).hexdigest()
+
+
+@before_task_publish.connect
+def _sign_outgoing(body: Any = None, headers: dict[str, Any] | None = None, **_: Any) -> None:
+    if _control_key is None or headers is None or not isinstance(body, list | tuple):
+        return
+    args, kwargs = body[0], body[1]
+    headers[MAC_HEADER] = message_mac(_control_key, headers["task"], headers["id"], args, kwargs)
+
+
+def _signed(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    given = getattr(task.request, MAC_HEADER, None)
+    if _control_key is None or not isinstance(given, str):
+        return False
+    expected = message_mac(_control_key, task.name, task.request.id, args, kwargs)
+    return hmac.compare_digest(expected, given)
+
+
+class ControlTask(Task):
+    """Base of every control-queue task: runs it only with proof of the control machine.
+
+    A task that sets ``continuation_step`` also accepts an unsigned message carrying a
+    ``continuation`` kwarg; it must redeem it itself (``redeem_continuation``) before
+    acting, and finds ``self.request.blf_signed`` False in that case.
+    """
+
+    continuation_step: str | None = None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.request.called_directly:
+            return super().__call__(*args, **kwargs)
+        signed = _signed(self, args, kwargs)
+        self.request.blf_signed = signed
+        if not signed and not (self.continuation_step and "continuation" in kwargs):
+            why = "no control key loaded" if _control_key is None else "missing or bad signature"
+            log.error(
+                "Refused %s (task %s): not from the control machine (%s)",
+                self.name,
+                self.request.id,
+                why,
+            )
+            return None
+        return super().__call__(*args, **kwargs)
+
+
+# --- continuations -------------------------------------------------------------------------
+
+_REDEEM = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+redis.call('HSETNX', KEYS[1], 'redeemed_by', ARGV[1])
+return redis.call('HGETALL', KEYS[1])
+"""
+
+
+def _continuation_key(address: str, token: str) -> str:
+    # Only the token's hash is stored: reading Redis does not yield a usable token.
+    return node_key(address, "cont", hashlib.sha256(token.encode()).hexdigest())
+
+
+def issue_continuation(
+    client: redis.Redis, address: str, ticket: JobTicket, step: str, ttl_s: int
+) -> str:
+    token = secrets.token_hex(32)
+    key = _continuation_key(address, token)
+    mapping = {"job_id": ticket.job_id, "step": step, "ticket": ticket.model_dump_json()}
+    with client.pipeline() as pipe:
+        pipe.hset(key, mapping=mapping)  # type: ignore[arg-type]  # invariant stub
+        pipe.expire(key, max(ttl_s, 1))
+        pipe.execute()
+    return token
+
+
+def redeem_continuation(
+    client: redis.Redis, address: str, token: str, step: str, task_id: str
+) -> JobTicket:
+    """The ticket the control side recorded for this token; raises Refused otherwise."""
+    raw = client.eval(_REDEEM, 1, _continuation_key(address, str(token)), task_id)
+    if not raw:
+        raise Refused("unknown or expired continuation")
+    items = [v.decode() if isinstance(v, bytes) else str(v) for v in raw]
+    record = dict(zip(items[::2], items[1::2], strict=True))
+    if record.get("step") != step:
+        raise Refused(f"continuation is for step {record.get('step')!r}, not {step!r}")
+    if record.get("redeemed_by") != task_id:
+        raise Refused("continuation already used by another message")
+    return JobTicket.model_validate_json(record["ticket"])

@@ -1,0 +1,143 @@
+"""The GPU side of a job: download the prompt blob, decrypt it, run the model, and for a
+leader encrypt the output with a fresh key and upload it. Runs on the model's queue, on
+any machine that holds the cluster key.
+
+It answers the control side with small validated values only (the output's hash, and for
+a leader the output CID and its key sealed with the cluster key), sent as the one
+``finish_job`` message its order's continuation allows. This module and what it imports
+never touch the operator key: no wallet, chain, CoFHE or ICL (a test checks).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from celery import Task
+
+from blf import crypto, keyfiles
+from blf.app import app, visibility_timeout
+from blf.config import LoadedConfig, Settings, build_settings, load_config, resolve_config_path
+from blf.errors import BlfError, CryptoError, IpfsTransportError
+from blf.inference import Generation, backend_for
+from blf.ipfs import IpfsClient
+from blf.payloads import InferenceFailure, InferenceOrder, InferenceResult
+from blf.tasks import short
+
+__all__ = ["GpuContext", "install", "run_inference"]
+
+log = logging.getLogger("blf.inference")
+
+FINISH_JOB = "blf.tasks.jobs.finish_job"
+TRANSIENT = (IpfsTransportError,)
+
+
+@dataclass
+class GpuContext:
+    settings: Settings
+    cluster_key: bytes
+    ipfs: IpfsClient
+
+
+_context: GpuContext | None = None
+
+
+def install(context: GpuContext) -> None:
+    global _context
+    _context = context
+
+
+def load_context() -> GpuContext:
+    """From config.json when there is one (``run``, a GPU machine with a file), else from
+    BLF_* variables alone (a GPU machine configured by its environment)."""
+    path, _ = resolve_config_path()
+    loaded: LoadedConfig | None = load_config(path) if path.exists() else None
+    settings = loaded.settings if loaded else build_settings({}, path=path)
+    key = keyfiles.cluster_key(settings, loaded.directory if loaded else None)
+    return GpuContext(settings=settings, cluster_key=key, ipfs=IpfsClient.from_settings(settings))
+
+
+def _ctx() -> GpuContext:
+    global _context
+    if _context is None:
+        _context = load_context()
+    return _context
+
+
+@app.task(
+    bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None, ignore_result=True
+)
+def run_inference(self: Task, model_id: str, order: dict[str, Any]) -> str:
+    job = InferenceOrder.model_validate(order)
+    started = time.time()
+    try:
+        answer: InferenceResult | InferenceFailure = _run(job, queue_s=started - job.dispatched_at)
+    except TRANSIENT as exc:
+        delay = _backoff(self)
+        if time.time() + delay < job.deadline:
+            log.warning("Job %s: %s; retrying in %.0fs", short(job.job_id), exc, delay)
+            raise self.retry(countdown=delay) from exc
+        answer = InferenceFailure(job_id=job.job_id, reason=f"still failing at the deadline: {exc}")
+    except (BlfError, CryptoError) as exc:
+        answer = InferenceFailure(job_id=job.job_id, reason=str(exc)[:500])
+    if isinstance(answer, InferenceFailure):
+        log.error("Job %s: inference failed: %s", short(job.job_id), answer.reason)
+    app.send_task(
+        FINISH_JOB, kwargs={"continuation": job.continuation, "outcome": answer.model_dump()}
+    )
+    return "ok" if answer.ok else "failed"
+
+
+def _backoff(task: Task) -> float:
+    visibility = visibility_timeout(_ctx().settings)
+    return float(min(2 ** (task.request.retries + 1), 30, visibility / 4))
+
+
+def _run(job: InferenceOrder, *, queue_s: float) -> InferenceResult:
+    ctx = _ctx()
+    backend = backend_for(job.model_id, ctx.settings.model_backends)  # before any download
+    t0 = time.time()
+    blob = ctx.ipfs.cat(job.prompt_cid)
+    t1 = time.time()
+    key = crypto.unseal(ctx.cluster_key, job.job_id, job.sealed_prompt_key)
+    prompt = _text(crypto.decrypt_blob(key, blob), "prompt")
+    log.debug("Job %s: prompt %r", short(job.job_id), prompt)
+    (output,) = backend.generate([Generation(model_id=job.model_id, prompt=prompt)])
+    t2 = time.time()
+    log.debug("Job %s: output %r", short(job.job_id), output)
+    result = InferenceResult(
+        job_id=job.job_id,
+        output_sha256=crypto.output_hash(output),
+        backend=backend.describe(),
+        queue_s=queue_s,
+        download_s=t1 - t0,
+        inference_s=t2 - t1,
+    )
+    if job.role == "leader":
+        result = _publish_output(ctx, job, output, result)
+    log.info("Job %s: inference done (%s)", short(job.job_id), backend.name)
+    return result
+
+
+def _publish_output(
+    ctx: GpuContext, job: InferenceOrder, output: str, result: InferenceResult
+) -> InferenceResult:
+    started = time.time()
+    output_key = crypto.new_key()
+    cid = ctx.ipfs.add(crypto.encrypt_blob(output_key, output.encode("utf-8")))
+    return result.model_copy(
+        update={
+            "output_cid": cid,
+            "sealed_output_key": crypto.seal(ctx.cluster_key, job.job_id, output_key),
+            "upload_s": time.time() - started,
+        }
+    )
+
+
+def _text(data: bytes, what: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise CryptoError(f"the decrypted {what} is not UTF-8 text") from None
