@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from blf import cid
 from blf.config import Settings
@@ -257,6 +257,21 @@ def test_an_oversized_answer_is_cut_off(ipfs: DevnetIpfs, other_ipfs: DevnetIpfs
     with pytest.raises(IpfsError, match="cap") as caught:
         client(gateways=[ipfs.url]).cat(HELLO_CID)
     assert not isinstance(caught.value, IpfsTransportError)
+
+
+def test_an_endless_answer_without_a_length_is_cut_off() -> None:
+    app = FastAPI()
+
+    @app.get("/ipfs/{cid}")
+    def endless(cid: str) -> StreamingResponse:
+        def chunks() -> Iterator[bytes]:
+            for _ in range(64):  # 4 MiB, chunked: no Content-Length to refuse it early
+                yield bytes(64 * 1024)
+
+        return StreamingResponse(chunks())
+
+    with LocalServer(app) as flood, pytest.raises(IpfsError, match="cap; cut off"):
+        client(gateways=[flood.url]).cat(HELLO_CID)
 
 
 def test_an_unverifiable_cid_is_refused_before_any_request(ipfs: DevnetIpfs) -> None:
