@@ -21,7 +21,7 @@ import redis
 from blf.errors import IclStatusError
 from blf.names import node_key
 
-__all__ = ["LEASE_S", "Settled", "Submission", "Submitted"]
+__all__ = ["LEASE_S", "Settled", "Submission", "Submitted", "drop_leases"]
 
 LEASE_S = 60  # longer than one ICL call can take (connect 5 s + read 15 s, with margin)
 T = TypeVar("T")
@@ -100,3 +100,11 @@ class Submission:
 
     def _set(self, value: str) -> None:
         self.client.set(self._mark, value, ex=max(self.ttl_s, 1))
+
+
+def drop_leases(client: redis.Redis, address: str) -> int:
+    """Free every sending lease of the node. Only safe while none of its workers runs
+    (``run`` calls it at start): a lease left by a killed worker would otherwise make the
+    redelivered submission wait out ``LEASE_S``."""
+    keys = list(client.scan_iter(match=node_key(address, "submit-lease", "*"), count=1000))
+    return int(client.delete(*keys)) if keys else 0

@@ -23,6 +23,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import FrameType
 
+import redis
+
 from blf.app import requeue_unacked
 from blf.broker import EmbeddedRedis, broker_urls
 from blf.children import child_env, spawn
@@ -31,6 +33,7 @@ from blf.icl import DEFAULT_RETRY, Retry
 from blf.keyfiles import control_key, create_key_file
 from blf.node import Node
 from blf.readiness import job_warnings
+from blf.submission import drop_leases
 
 __all__ = ["Supervisor"]
 
@@ -127,6 +130,11 @@ class Supervisor:
         )
         if restored:
             log.warning("Requeued %d job message(s) left unfinished by the last run", restored)
+        client = redis.Redis.from_url(urls.redis)
+        try:
+            drop_leases(client, self.node.address)
+        finally:
+            client.close()
         return urls.celery
 
     def _announce(self) -> None:

@@ -18,7 +18,7 @@ from starlette.requests import Request
 
 from blf.devnet.network import LocalNetwork, LocalNode
 from blf.journal import Journal
-from tests.nodes import short_tempdir, wait_until
+from tests.nodes import node_pids, short_tempdir, wait_until
 
 FAST = {"BLF_POLL_INTERVAL_S": "0.5", "BLF_HEARTBEAT_INTERVAL_S": "5"}
 
@@ -27,7 +27,10 @@ class Gate:
     """Holds requests to ``path`` that ``select`` picks (none until a test sets it) until
     ``release`` is set; ``arrivals`` counts those held, ``limit`` caps how many."""
 
-    def __init__(self, app: FastAPI, path: str, *, limit: int = 1_000_000) -> None:
+    def __init__(
+        self, app: FastAPI, path: str, *, limit: int = 1_000_000, after: bool = False
+    ) -> None:
+        """``after=True`` lets the service handle the request and holds only its answer."""
         self.arrivals = 0
         self.limit = limit
         self.release = threading.Event()
@@ -35,10 +38,15 @@ class Gate:
 
         @app.middleware("http")
         async def hold(request: Request, call_next: Callable[[Request], Any]) -> Any:
-            if request.url.path == path and self.arrivals < self.limit and self.select(request):
+            held = request.url.path == path and self.arrivals < self.limit and self.select(request)
+            if held and not after:
                 self.arrivals += 1
                 await asyncio.to_thread(self.release.wait, 120)
-            return await call_next(request)
+            response = await call_next(request)
+            if held and after:
+                self.arrivals += 1
+                await asyncio.to_thread(self.release.wait, 120)
+            return response
 
     def hold_from(self, address: str) -> None:
         self.select = lambda request: request.headers.get("X-Node-Address") == address
@@ -144,3 +152,15 @@ def job_record(network: LocalNetwork, job_id: str) -> dict[str, Any]:
 
 def write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data))
+
+
+def control_worker_pid(node: LocalNode) -> int:
+    """The pid of the control worker that this node's `run` started."""
+    for pid in node_pids(node.directory):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"--role\0control" in cmdline:
+            return pid
+    raise AssertionError(f"no control worker runs for {node.directory}")

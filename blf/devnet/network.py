@@ -128,6 +128,12 @@ class LocalNetwork:
         _cli(node, "attest", "--mock")  # the devnet ICL starts empty every time
         node.address = json.loads(node.config_path.read_text())["node_address"]
 
+    def restart(self, node: LocalNode) -> None:
+        """Start a member's `run` again (after it stopped or was killed)."""
+        if node.process is not None and node.process.poll() is None:
+            raise RuntimeError(f"{node.directory.name} is still running")
+        self._spawn(node)
+
     def _spawn(self, node: LocalNode) -> None:
         out = self.output(node)
         node.process = subprocess.Popen(

@@ -1,0 +1,209 @@
+"""The GPU side as its own machine role: a worker with no keystore, no password and no
+control key, only the cluster key and the node's Redis, serves a control worker's jobs;
+and the control worker takes orders only from the control machine."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from blf import crypto
+from blf.broker import EmbeddedRedis
+from blf.devnet.network import LocalNetwork
+from blf.devnet.user import DevnetInfo, DevnetUser
+from blf.inference.mock import mock_output
+from blf.payloads import JobTicket
+from tests.nodes import (
+    NodeDir,
+    NodeProcess,
+    Processes,
+    make_node,
+    send_tasks,
+    short_tempdir,
+    wait_until,
+)
+from tests.pipeline import Gate
+
+MODEL = "demo-model"
+BACKENDS = '{"demo-model": "mock"}'
+OPERATOR_MODULES = ("blf.wallet", "blf.chain", "blf.cofhe", "blf.icl", "blf.node", "blf.runtime")
+
+
+class Services:
+    def __init__(self) -> None:
+        self.gates: dict[str, Gate] = {}
+        self.network = LocalNetwork(short_tempdir(), nodes=0)
+        self.network.start(before=self._gates)
+        self.user = DevnetUser(DevnetInfo.read(self.network.info_path))
+
+    def _gates(self, network: LocalNetwork) -> None:
+        self.gates["cat"] = Gate(network.ipfs.app, "/api/v0/cat", limit=1)
+
+    def env(self) -> dict[str, str]:
+        net = self.network
+        return {
+            "BLF_COFHE_MODE": "python",
+            "BLF_COFHE_ENDPOINT": net.cofhe.url,
+            "BLF_IPFS_API_URL": net.ipfs.url,
+            "BLF_IPFS_GATEWAY": net.ipfs.url,
+            "BLF_MODEL_BACKENDS": BACKENDS,
+            "BLF_JOB_TIMEOUT_S": "2",  # visibility timeout 4 s: redelivery comes quickly
+        }
+
+
+@pytest.fixture
+def services() -> Iterator[Services]:
+    started = Services()
+    try:
+        yield started
+    finally:
+        for gate in started.gates.values():
+            gate.release.set()
+        started.network.stop()
+
+
+def control_worker(
+    processes: Processes, node: NodeDir, services: Services, broker: str
+) -> NodeProcess:
+    env = {**services.env(), "BLF_BROKER_URL": broker, "BLF_POLL_INTERVAL_S": "0.5"}
+    worker = processes.start(node, "worker", "--role", "control", "--beat", **env)
+    worker.wait_for(r"ready\.")
+    return worker
+
+
+class GpuMachine:
+    """A directory with only a copy of the cluster key, and a worker started from it."""
+
+    def __init__(self, node: NodeDir, services: Services, broker: str) -> None:
+        self.root = short_tempdir()
+        self.key = self.root / "cluster.key"
+        shutil.copy(node.root / "cluster.key", self.key)
+        os.chmod(self.key, 0o600)
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("BLF_") and k != "HOME"}
+        self.env.update(services.env())
+        self.env.update(
+            HOME=str(self.root),
+            PYTHONUNBUFFERED="1",
+            BLF_BROKER_URL=broker,
+            BLF_NODE_ADDRESS=node.address,
+            BLF_SUPPORTED_MODEL_IDS=MODEL,
+            BLF_CLUSTER_KEY_FILE=str(self.key),
+        )
+        self.logs: list[Path] = []
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> subprocess.Popen[bytes]:
+        log = self.root / f"gpu-{len(self.logs)}.log"
+        self.logs.append(log)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "workers.gpu"],
+            cwd=self.root,
+            env=self.env,
+            stdout=log.open("wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        wait_until(lambda: "ready." in log.read_text(), what="the GPU worker to be ready")
+        return self.process
+
+    def kill(self) -> None:
+        assert self.process is not None
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(10)
+
+
+def test_gpu_worker_without_key_serves_jobs_and_a_killed_one_is_redelivered_once(
+    services: Services, processes: Processes, shared_redis: EmbeddedRedis
+) -> None:
+    broker = shared_redis.urls.celery
+    leader, *verifiers = (make_node(services.network.icl.url, models=MODEL) for _ in range(3))
+    control_worker(processes, leader, services, broker)
+    gpu = GpuMachine(leader, services, broker)
+    first = gpu.start()
+    environ = Path(f"/proc/{first.pid}/environ").read_bytes().split(b"\0")
+    assert not [v for v in environ if v.startswith((b"BLF_KEY_PASSWORD=", b"BLF_PRIVATE_KEY="))]
+    assert sorted(p.name for p in gpu.root.iterdir() if not p.name.endswith(".log")) == [
+        "cluster.key"
+    ]
+
+    services.gates["cat"].hold_all()
+    prompt = "Summarise the plot of Hamlet."
+    key = crypto.new_key()
+    quorum = [leader.address, *(v.address for v in verifiers)]
+    job_id = services.user.submit_blob(
+        crypto.encrypt_blob(key, prompt.encode()), key, MODEL, quorum=quorum
+    )
+    wait_until(lambda: services.gates["cat"].arrivals == 1, what="the GPU worker downloading")
+    gpu.kill()  # mid-job: its message stays unacknowledged in Redis
+    gpu.start()
+    services.gates["cat"].release.set()
+
+    record = wait_until(
+        lambda: (r := services.network.icl.state.job_record(job_id))["result"] and r,
+        what="the leader's result",
+    )
+    assert services.user.output(record) == mock_output(MODEL, prompt)
+    assert record["resultPosts"] == 1
+    assert "inference done" in gpu.logs[1].read_text()
+
+
+def test_gpu_entry_point_imports_nothing_of_the_operator_side(tmp_path: Path) -> None:
+    config = tmp_path / "config.json"
+    config.write_text('{"node_address": "0x000000000000000000000000000000000000dEaD"}')
+    code = (
+        "import sys, workers.gpu\n"
+        "from blf.app import app\n"
+        "from blf.config import BackendSpec\n"
+        "from blf.inference import Generation, backend_for\n"
+        "from blf.tasks import inference\n"
+        "app.conf.include = ['blf.tasks.inference']\n"
+        "app.loader.import_default_modules()\n"
+        "backend_for('m', {'m': BackendSpec(backend='mock')}).generate([Generation('m', 'p')])\n"
+        f"print(sorted(m for m in {OPERATOR_MODULES!r} if m in sys.modules))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BLF_")}
+    env["BLF_CONFIG_PATH"] = str(config)
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_control_worker_refuses_orders_not_from_the_control_machine(
+    services: Services, processes: Processes, shared_redis: EmbeddedRedis
+) -> None:
+    broker = shared_redis.urls.celery
+    node = make_node(services.network.icl.url, models=MODEL)
+    worker = control_worker(processes, node, services, broker)
+    ticket = JobTicket(
+        job_id="f" * 64, role="leader", model_id=MODEL, prompt_cid="bafy", deadline=2**40
+    )
+    # What a GPU host sharing the Redis could send: unsigned, or with a made-up continuation.
+    send_tasks(
+        node,
+        broker,
+        "blf.tasks.jobs.start_job",
+        kwargs={"ticket": ticket.model_dump()},
+        signed=False,
+    )
+    send_tasks(
+        node,
+        broker,
+        "blf.tasks.jobs.finish_job",
+        kwargs={"continuation": "0" * 64, "outcome": {"ok": False, "job_id": "x", "reason": "x"}},
+        signed=False,
+    )
+    worker.wait_for(r"Refused blf\.tasks\.jobs\.start_job .*not from the control machine")
+    worker.wait_for(r"Refused blf\.tasks\.jobs\.finish_job .*unknown or expired continuation")
+    assert "Job ffffffff...: starting" not in worker.output()
+    # The same order, signed with the node's control key, is taken.
+    send_tasks(node, broker, "blf.tasks.jobs.start_job", kwargs={"ticket": ticket.model_dump()})
+    worker.wait_for(r"Job ffffffff\.\.\.: (starting|claim failed)")
