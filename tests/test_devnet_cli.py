@@ -41,6 +41,7 @@ def test_devnet_up_then_submit_wait_json_shows_the_output() -> None:
         assert up.poll() is None, log.read_text()
         assert "blindference-node devnet submit" in log.read_text()
         assert "https://icl.blindference.xyz" in log.read_text()
+        wait_until(lambda: "output, as the user decrypts it: MOCK_OUTPUT_" in log.read_text())
 
         done = blf(
             "devnet", "submit", "--dir", str(root), "--prompt", "Hi", "--wait", "--json", env=env

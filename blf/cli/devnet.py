@@ -11,6 +11,7 @@ from typing import Any
 
 import click
 
+from blf.errors import BlfError
 from blf.wallet import PASSWORD_ENV
 
 DEVNET_PASSWORD = "devnet"  # guards a throwaway key that only ever talks to this machine
@@ -68,7 +69,13 @@ dir_option = click.option(
     help="Model id the nodes serve, with the mock backend (not a model).",
 )
 @click.option("--port", default=0, type=int, help="Port for the local ICL (default: any free).")
-def devnet_up(directory: Path, nodes: int, model: str, port: int) -> None:
+@click.option(
+    "--demo/--no-demo",
+    default=True,
+    show_default=True,
+    help="Send one job as a user once the nodes are ready, and show its output.",
+)
+def devnet_up(directory: Path, nodes: int, model: str, port: int, demo: bool) -> None:
     """Try blf with nothing but this machine: a local ICL, CoFHE and IPFS, and NODES local
     nodes (created the first time), attested and running until Ctrl+C. Submit jobs with
     `devnet submit`. The nodes' keystore password is BLF_KEY_PASSWORD, else "devnet"."""
@@ -85,12 +92,35 @@ def devnet_up(directory: Path, nodes: int, model: str, port: int) -> None:
         network.wait_ready()
         click.echo(_banner(network, root))
         click.echo("Devnet ready", nl=True)
+        if demo and nodes >= 3:
+            threading.Thread(target=_demo_job, args=(network, model), daemon=True).start()
         _report_jobs(network, stop)
     except RuntimeError as exc:
         raise click.ClickException(str(exc)) from None
     finally:
         network.stop()
     click.echo("Devnet stopped")
+
+
+DEMO_PROMPT = "What is confidential inference?"
+
+
+def _demo_job(network: Any, model: str) -> None:
+    """One job through the whole pipeline, as a user would send it."""
+    from blf.devnet.user import DevnetInfo, DevnetUser
+
+    user = DevnetUser(DevnetInfo.read(network.info_path))
+    try:
+        job_id = user.submit(DEMO_PROMPT, model)
+        click.echo(f"Demo job {job_id[:16]}... sent: {DEMO_PROMPT!r}")
+        record = user.wait(job_id, 120)
+        click.echo(
+            f"Demo job {job_id[:16]}... output, as the user decrypts it: {user.output(record)}"
+        )
+    except BlfError as exc:
+        click.echo(f"Demo job failed: {exc}", err=True)
+    finally:
+        user.close()
 
 
 def _report_jobs(network: Any, stop: threading.Event) -> None:
