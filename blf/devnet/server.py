@@ -40,7 +40,11 @@ def install_error_handler(app: FastAPI) -> None:
 
 def bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    return socket.create_server((host, port), family=family)
+    sock = socket.create_server((host, port), family=family)
+    # Accepted connections inherit this on Linux. Without it a response written in two
+    # parts waits for the client's delayed ACK: about 40 ms added to every request.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
 
 
 def url_of(host: str, port: int) -> str:
