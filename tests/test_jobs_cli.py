@@ -18,7 +18,7 @@ from blf.icl import JobStatus
 from blf.journal import Journal
 from blf.payloads import InferenceOutcome, InferenceResult
 from blf.readiness import check_servable, job_warnings
-from tests.nodes import error_line, make_node
+from tests.nodes import error_line, make_node, status_rows
 
 SHA = "ab" * 32
 
@@ -114,3 +114,14 @@ def test_run_refuses_modes_it_cannot_serve_and_warns_about_failing_jobs(tmp_path
         "no backend configured for n (model_backends)",
     ]
     assert job_warnings(build_settings({}, path=path)) == []  # serves nothing: nothing fails
+
+
+def test_status_names_cofhe_and_ipfs(devnet: DevnetIcl) -> None:
+    node = make_node(devnet.url, attest=False)
+    env = {"BLF_COFHE_ENDPOINT": "http://127.0.0.1:9/rpc", "BLF_IPFS_API_URL": "http://u:p@h:5001"}
+    rows = status_rows(node.invoke("status", env=env))
+    assert rows["CoFHE"] == "python, http://127.0.0.1:9/rpc"
+    assert rows["IPFS"].startswith("upload to http://h:5001; gateways https://node.lighthouse")
+    bare = status_rows(node.invoke("status"))
+    assert bare["CoFHE"] == "python, no cofhe_endpoint: jobs fail"
+    assert bare["IPFS"].startswith("no upload target: leader jobs fail")

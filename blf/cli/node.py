@@ -13,6 +13,7 @@ from blf.attestation import BACKENDS
 from blf.config import (
     PUBLIC_ICL_ENDPOINT,
     LoadedConfig,
+    Settings,
     build_settings,
     load_config,
     resolve_config_path,
@@ -223,6 +224,8 @@ def status() -> None:
         # Redis passwords and hosted-RPC keys live in these URLs: never print them.
         ("Broker", display_url(settings.broker_url) or "embedded Redis (started by `run`)"),
         ("Chain", display_url(settings.rpc_url or "") or "no rpc_url: on-chain duties off"),
+        ("CoFHE", f"{settings.effective_cofhe_mode}, {_cofhe_endpoint(settings)}"),
+        ("IPFS", _ipfs_line(settings)),
     ]
     # Plain aligned lines, not a rich table: a table folds long URLs and paths at 80 columns
     # when stdout is not a terminal, which breaks copy-paste and grep.
@@ -233,6 +236,21 @@ def status() -> None:
     if settings.unknown_fields:
         unknown = ", ".join(settings.unknown_fields)
         warn(f"ignored config fields, unknown to blf (kept in the file as they are): {unknown}")
+
+
+def _cofhe_endpoint(settings: Settings) -> str:
+    return display_url(settings.cofhe_endpoint or "") or "no cofhe_endpoint: jobs fail"
+
+
+def _ipfs_line(settings: Settings) -> str:
+    if settings.ipfs_api_url:
+        upload = f"upload to {display_url(settings.ipfs_api_url)}"
+    elif settings.pinata_jwt:
+        upload = "upload to Pinata"
+    else:
+        upload = "no upload target: leader jobs fail"
+    gateways = [settings.ipfs_gateway, *settings.ipfs_gateway_fallbacks]
+    return f"{upload}; gateways {', '.join(display_url(g) for g in gateways if g)}"
 
 
 # --- migrate -----------------------------------------------------------------------------

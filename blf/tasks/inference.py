@@ -20,11 +20,11 @@ from celery import Task
 from blf import crypto, keyfiles
 from blf.app import app, visibility_timeout
 from blf.config import LoadedConfig, Settings, build_settings, load_config, resolve_config_path
-from blf.errors import BlfError, CryptoError, IpfsTransportError
+from blf.errors import BlfError, CryptoError, InferenceError, IpfsTransportError
 from blf.inference import Generation, backend_for
 from blf.ipfs import IpfsClient
 from blf.payloads import InferenceFailure, InferenceOrder, InferenceResult
-from blf.tasks import short
+from blf.tasks import short, shown
 
 __all__ = ["GpuContext", "install", "run_inference"]
 
@@ -80,12 +80,14 @@ def run_inference(self: Task, model_id: str, order: dict[str, Any]) -> str:
             log.warning("Job %s: %s; retrying in %.0fs", short(job.job_id), exc, delay)
             raise self.retry(countdown=delay) from exc
         answer = InferenceFailure(job_id=job.job_id, reason=f"still failing at the deadline: {exc}")
-    except (BlfError, CryptoError) as exc:
+    except BlfError as exc:
         answer = InferenceFailure(job_id=job.job_id, reason=str(exc)[:500])
     if isinstance(answer, InferenceFailure):
         log.error("Job %s: inference failed: %s", short(job.job_id), answer.reason)
     app.send_task(
-        FINISH_JOB, kwargs={"continuation": job.continuation, "outcome": answer.model_dump()}
+        FINISH_JOB,
+        kwargs={"continuation": job.continuation, "outcome": answer.model_dump()},
+        kwargsrepr=shown(job),
     )
     return "ok" if answer.ok else "failed"
 
@@ -96,6 +98,8 @@ def _backoff(task: Task) -> float:
 
 
 def _run(job: InferenceOrder, *, queue_s: float) -> InferenceResult:
+    if time.time() > job.deadline:
+        raise InferenceError("deadline passed before inference started")
     ctx = _ctx()
     backend = backend_for(job.model_id, ctx.settings.model_backends)  # before any download
     t0 = time.time()

@@ -26,7 +26,6 @@ from blf.authority import ControlTask, Refused, issue_continuation, redeem_conti
 from blf.errors import (
     BlfError,
     CofheTransportError,
-    CryptoError,
     IclStatusError,
     IclTransportError,
 )
@@ -34,7 +33,7 @@ from blf.icl import EncryptedInput, EncryptedKeyInputs, JobStatus, LeaderResult,
 from blf.names import model_queue
 from blf.payloads import InferenceOrder, InferenceOutcome, InferenceResult, JobTicket
 from blf.submission import Settled, Submission, Submitted
-from blf.tasks import short
+from blf.tasks import short, shown
 
 __all__ = ["RECORD_GRACE_S", "finish_job", "start_job", "unlock_key"]
 
@@ -161,7 +160,7 @@ def _claim(job: JobTicket) -> str:
         claim_s=_seconds(time.time() - started),
     )
     log.info("Job %s: claimed", short(job.job_id))
-    unlock_key.apply_async(kwargs={"ticket": claimed.model_dump()})
+    unlock_key.apply_async(kwargs={"ticket": claimed.model_dump()}, kwargsrepr=shown(job))
     return "claimed"
 
 
@@ -181,6 +180,8 @@ def unlock_key(self: Task, ticket: dict[str, Any]) -> str:
 
 
 def _unlock_and_dispatch(task: Task, job: JobTicket) -> str:
+    if time.time() > job.deadline:
+        return _fail(job, "deadline passed before the prompt key was decrypted")
     if job.kp_high_handle is None or job.kp_low_handle is None:
         return _fail(job, "prompt key: the ICL gave no key handles for this job")
     started = time.time()
@@ -189,7 +190,7 @@ def _unlock_and_dispatch(task: Task, job: JobTicket) -> str:
         key = crypto.join_key(cofhe.decrypt(job.kp_high_handle), cofhe.decrypt(job.kp_low_handle))
     except CofheTransportError as exc:
         _retry_or_fail(task, job, "prompt key: CoFHE unavailable", exc)
-    except (BlfError, CryptoError) as exc:
+    except BlfError as exc:  # refused by CoFHE, or halves that are no key
         return _fail(job, f"prompt key: {exc}")
     key_s = time.time() - started
     node = runtime.node()
@@ -209,6 +210,7 @@ def _unlock_and_dispatch(task: Task, job: JobTicket) -> str:
         RUN_INFERENCE,
         kwargs={"model_id": job.model_id, "order": order.model_dump()},
         queue=model_queue(node.address, job.model_id),
+        kwargsrepr=shown(job),
     )
     runtime.journal().record(job.job_id, "inference", key_s=_seconds(key_s))
     log.info(
@@ -308,7 +310,7 @@ def _encrypt_output_key(task: Task, job: JobTicket, sealed: str) -> EncryptedKey
         halves = [cofhe.encrypt_uint128(high), cofhe.encrypt_uint128(low)]
     except CofheTransportError as exc:
         _retry_or_fail(task, job, "output key: CoFHE unavailable", exc)
-    except (BlfError, CryptoError) as exc:
+    except BlfError as exc:
         _fail(job, f"output key: {exc}")
         raise _Done("failed") from exc
     wire = [

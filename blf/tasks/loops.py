@@ -23,7 +23,7 @@ from blf.authority import ControlTask
 from blf.errors import BlfError, NodeUnknownError
 from blf.icl import NO_RETRY, Assignment
 from blf.payloads import JobTicket
-from blf.tasks import short
+from blf.tasks import short, shown
 from blf.tasks.jobs import RECORD_GRACE_S, start_job
 
 __all__ = ["attestation_watchdog", "chain_heartbeat", "icl_heartbeat", "poll_assignments"]
@@ -122,7 +122,7 @@ def _enqueue(assignment: Assignment) -> None:
     log.info("Spawning %s job %s", ticket.role, short(ticket.job_id))
     key = _key("seen", ticket.job_id)
     try:
-        start_job.apply_async(kwargs={"ticket": ticket.model_dump()})
+        start_job.apply_async(kwargs={"ticket": ticket.model_dump()}, kwargsrepr=shown(ticket))
     except Exception as exc:  # kombu raises many kinds; the job must not be lost to any
         runtime.redis_client().delete(key)  # the next poll tries again
         log.warning("Job %s: not queued (%s); the next poll retries", short(ticket.job_id), exc)
