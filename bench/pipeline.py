@@ -20,20 +20,7 @@ import redis
 
 from blf.devnet.network import LocalNetwork
 from blf.devnet.user import DevnetInfo, DevnetUser
-from blf.journal import Journal
-
-STAGES = (
-    "queue_s",
-    "claim_s",
-    "key_s",
-    "gpu_queue_s",
-    "download_s",
-    "inference_s",
-    "upload_s",
-    "output_key_s",
-    "submit_s",
-    "total_s",
-)
+from blf.journal import STAGES, Journal
 
 
 def main() -> None:

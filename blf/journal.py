@@ -19,9 +19,21 @@ import redis
 
 from blf.names import node_key
 
-__all__ = ["Journal"]
+__all__ = ["STAGES", "Journal"]
 
 RECORD_TTL_S = 7 * 86400
+STAGES = (  # seconds per stage, in the order a job passes them
+    "queue_s",
+    "claim_s",
+    "key_s",
+    "gpu_queue_s",
+    "download_s",
+    "inference_s",
+    "upload_s",
+    "output_key_s",
+    "submit_s",
+    "total_s",
+)
 
 
 class Journal:

@@ -11,20 +11,7 @@ import redis
 
 from blf.broker import node_broker
 from blf.config import LoadedConfig
-from blf.journal import Journal
-
-STAGES = (
-    "queue_s",
-    "claim_s",
-    "key_s",
-    "gpu_queue_s",
-    "download_s",
-    "inference_s",
-    "upload_s",
-    "output_key_s",
-    "submit_s",
-    "total_s",
-)
+from blf.journal import STAGES, Journal
 
 
 def register(cli: click.Group) -> None:

@@ -44,9 +44,12 @@ CLAIM_RETRIES = 8
 RUN_INFERENCE = "blf.tasks.inference.run_inference"
 OUTCOME = TypeAdapter(InferenceOutcome)
 
-job_task = app.task(
-    base=ControlTask, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None
-)
+
+def job_task(**options: Any) -> Any:
+    """A pipeline step: control queue, acknowledged once done (a dead worker's step is
+    redelivered), retried by its own policy (``max_retries=None``: the deadline bounds it)."""
+    defaults = {"bind": True, "acks_late": True, "reject_on_worker_lost": True}
+    return app.task(base=ControlTask, **{**defaults, "max_retries": None, **options})
 
 
 def _ttl(job: JobTicket) -> int:
@@ -97,13 +100,7 @@ def _too_many_deliveries(task: Task, job: JobTicket, step: str) -> bool:
 # --- 1. claim ----------------------------------------------------------------------------
 
 
-@app.task(
-    base=ControlTask,
-    bind=True,
-    acks_late=True,
-    reject_on_worker_lost=True,
-    max_retries=CLAIM_RETRIES,
-)
+@job_task(max_retries=CLAIM_RETRIES)
 def start_job(self: Task, ticket: dict[str, Any]) -> str:
     job = JobTicket.model_validate(ticket)
     journal = runtime.journal()
@@ -167,7 +164,7 @@ def _claim(job: JobTicket) -> str:
 # --- 2. the prompt key -------------------------------------------------------------------
 
 
-@job_task
+@job_task()
 def unlock_key(self: Task, ticket: dict[str, Any]) -> str:
     """Decrypt the prompt key with CoFHE, seal it for the GPU side, dispatch the GPU work."""
     job = JobTicket.model_validate(ticket)
@@ -222,14 +219,7 @@ def _unlock_and_dispatch(task: Task, job: JobTicket) -> str:
 # --- 3. after the GPU work: result or verdict ---------------------------------------------
 
 
-@app.task(
-    base=ControlTask,
-    bind=True,
-    acks_late=True,
-    reject_on_worker_lost=True,
-    max_retries=None,
-    continuation_step="finish",
-)
+@job_task(continuation_step="finish")
 def finish_job(self: Task, continuation: str, outcome: dict[str, Any]) -> str:
     node = runtime.node()
     try:
@@ -300,7 +290,9 @@ def _finish_leader(task: Task, job: JobTicket, result: InferenceResult) -> str:
     )
     if outcome is Submitted.SENT:
         log.info("Job %s: result submitted (commitment %s)", short(job.job_id), commitment[:16])
-    return _record_submission(job, outcome, commitment=commitment, output_key_s=output_key_s)
+    return _record_submission(
+        job, outcome, commitment=commitment, output_key_s=_seconds(output_key_s)
+    )
 
 
 def _encrypt_output_key(task: Task, job: JobTicket, sealed: str) -> EncryptedKeyInputs:
