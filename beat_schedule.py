@@ -39,4 +39,5 @@ def build(settings: Settings, queue: str) -> dict[str, dict[str, Any]]:
             "blf.tasks.loops.attestation_watchdog", settings.watchdog_interval_s, queue
         ),
         "chain-heartbeat": _entry("blf.tasks.loops.chain_heartbeat", chain_check_s, queue),
+        "job-sweeper": _entry("blf.tasks.loops.sweep_jobs", settings.sweep_interval_s, queue),
     }

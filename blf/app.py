@@ -48,7 +48,8 @@ CONTROL_TASKS = (
     "blf.tasks.loops.chain_heartbeat",
     "blf.tasks.jobs.start_job",
     "blf.tasks.jobs.unlock_key",
-    "blf.tasks.jobs.finish_job",
+    "blf.tasks.finish.finish_job",
+    "blf.tasks.loops.sweep_jobs",
 )
 
 # Margin between the longest job and kombu's redelivery of an unacknowledged message.
@@ -128,7 +129,7 @@ def build_conf(settings: Settings) -> dict[str, Any]:
         "task_time_limit": settings.job_timeout_s,
         "control_exchange": namespace(address),
         "event_exchange": namespace(address) + ".ev",
-        "include": ["blf.tasks.loops", "blf.tasks.jobs"],
+        "include": ["blf.tasks.loops", "blf.tasks.jobs", "blf.tasks.finish"],
         "beat_scheduler": "blf.scheduler.NodeScheduler",
         "beat_schedule": beat_schedule.build(settings, control_queue(address)),
         "beat_max_loop_interval": loop,

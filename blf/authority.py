@@ -14,9 +14,13 @@ worker therefore runs a message only with proof that the control machine asked f
   so a redelivery of that same message still runs and any other message is refused. The
   job's ticket comes from the control side's own record, not from the message.
 
-Anything else is refused with a logged reason and acknowledged (it is never retried).
-A signed message can be replayed by whoever reads Redis; every control task is idempotent
-for that reason (marks, not trust, keep claims and submissions single).
+Anything else is refused with a logged reason and acknowledged (it is never retried), and
+so is any message that brings callbacks, errbacks, a chain or a chord: Celery would publish
+those from the control worker, signed. A signed message can be replayed by whoever reads
+Redis; every control task is idempotent for that reason (marks, not trust, keep claims and
+submissions single). A continuation token travels in clear in the GPU order and in the
+answer: whoever reads Redis can use it, but only for that job's one answer, whose outcome
+is fixed by the first message that redeems it.
 """
 
 from __future__ import annotations
@@ -26,10 +30,11 @@ import hmac
 import json
 import logging
 import secrets
-from typing import Any
+from typing import Any, NoReturn
 
 import redis
 from celery import Task
+from celery.exceptions import Ignore
 from celery.signals import before_task_publish
 
 from blf.names import node_key
@@ -62,10 +67,15 @@ def install_control_key(key: bytes) -> None:
     _control_key = key
 
 
-def message_mac(key: bytes, name: str, task_id: str, args: Any, kwargs: Any) -> str:
+def message_mac(
+    key: bytes, name: str, task_id: str, args: Any, kwargs: Any, retries: int = 0
+) -> str:
     # JSON is what crosses the broker, so the MAC covers the JSON form (tuples as lists).
+    # ``retries`` is covered because the tasks act on it (claim attempts, delivery counts).
     text = json.dumps(
-        [name, task_id, list(args or ()), kwargs or {}], sort_keys=True, separators=(",", ":")
+        [name, task_id, int(retries or 0), list(args or ()), kwargs or {}],
+        sort_keys=True,
+        separators=(",", ":"),
     )
     return hmac.new(key, text.encode("utf-8"), hashlib.sha256).hexdigest()
 
@@ -75,15 +85,28 @@ def _sign_outgoing(body: Any = None, headers: dict[str, Any] | None = None, **_:
     if _control_key is None or headers is None or not isinstance(body, list | tuple):
         return
     args, kwargs = body[0], body[1]
-    headers[MAC_HEADER] = message_mac(_control_key, headers["task"], headers["id"], args, kwargs)
+    headers[MAC_HEADER] = message_mac(
+        _control_key, headers["task"], headers["id"], args, kwargs, headers.get("retries", 0)
+    )
 
 
 def _signed(task: Task, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     given = getattr(task.request, MAC_HEADER, None)
     if _control_key is None or not isinstance(given, str):
         return False
-    expected = message_mac(_control_key, task.name, task.request.id, args, kwargs)
+    request = task.request
+    expected = message_mac(_control_key, task.name, request.id, args, kwargs, request.retries)
     return hmac.compare_digest(expected, given)
+
+
+# Celery runs these after a task succeeds (or fails), and publishes them from the worker,
+# where they would be signed: a message that brings its own is refused outright. The
+# pipeline chains its steps by explicit calls and never uses them.
+_FOLLOW_UPS = ("callbacks", "errbacks", "chain", "chord", "group", "group_index")
+
+
+def _follow_ups(task: Task) -> list[str]:
+    return [name for name in _FOLLOW_UPS if getattr(task.request, name, None)]
 
 
 class ControlTask(Task):
@@ -99,18 +122,20 @@ class ControlTask(Task):
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.request.called_directly:
             return super().__call__(*args, **kwargs)
+        extra = _follow_ups(self)
+        if extra:
+            self._refuse(f"it carries {', '.join(extra)}, which the control queue never runs")
         signed = _signed(self, args, kwargs)
         self.request.blf_signed = signed
         if not signed and not (self.continuation_step and "continuation" in kwargs):
             why = "no control key loaded" if _control_key is None else "missing or bad signature"
-            log.error(
-                "Refused %s (task %s): not from the control machine (%s)",
-                self.name,
-                self.request.id,
-                why,
-            )
-            return None
+            self._refuse(f"not from the control machine ({why})")
         return super().__call__(*args, **kwargs)
+
+    def _refuse(self, why: str) -> NoReturn:
+        log.error("Refused %s (task %s): %s", self.name, self.request.id, why)
+        # Ignore: no result is stored and nothing attached to the message is published.
+        raise Ignore()
 
 
 # --- continuations -------------------------------------------------------------------------
@@ -118,12 +143,13 @@ class ControlTask(Task):
 _REDEEM = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
 redis.call('HSETNX', KEYS[1], 'redeemed_by', ARGV[1])
+redis.call('HSETNX', KEYS[1], 'answer', ARGV[2])
 return redis.call('HGETALL', KEYS[1])
 """
 
 
 def _continuation_key(address: str, token: str) -> str:
-    # Only the token's hash is stored: reading Redis does not yield a usable token.
+    # The key holds the token's hash, so the record itself does not give the token away.
     return node_key(address, "cont", hashlib.sha256(token.encode()).hexdigest())
 
 
@@ -141,16 +167,22 @@ def issue_continuation(
 
 
 def redeem_continuation(
-    client: redis.Redis, address: str, token: str, step: str, task_id: str
+    client: redis.Redis, address: str, token: str, step: str, task_id: str, answer: Any
 ) -> JobTicket:
-    """The ticket the control side recorded for this token; raises Refused otherwise."""
-    raw = client.eval(_REDEEM, 1, _continuation_key(address, str(token)), task_id)
+    """The ticket the control side recorded for this token; raises Refused otherwise.
+
+    The first message to redeem it fixes the task id and the answer (``answer``, hashed);
+    only that same message, redelivered, is accepted again."""
+    digest = hashlib.sha256(
+        json.dumps(answer, sort_keys=True, separators=(",", ":")).encode()
+    ).hexdigest()
+    raw = client.eval(_REDEEM, 1, _continuation_key(address, str(token)), task_id, digest)
     if not raw:
         raise Refused("unknown or expired continuation")
     items = [v.decode() if isinstance(v, bytes) else str(v) for v in raw]
     record = dict(zip(items[::2], items[1::2], strict=True))
     if record.get("step") != step:
         raise Refused(f"continuation is for step {record.get('step')!r}, not {step!r}")
-    if record.get("redeemed_by") != task_id:
+    if record.get("redeemed_by") != task_id or record.get("answer") != digest:
         raise Refused("continuation already used by another message")
     return JobTicket.model_validate_json(record["ticket"])

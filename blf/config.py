@@ -114,6 +114,7 @@ class Settings(BaseSettings):
     cluster_key: SecretStr | None = None  # BLF_CLUSTER_KEY on GPU machines; hex, 32 bytes
     control_key_file: str = "control.key"
     verifier_poll_max_s: float = Field(10.0, gt=0)
+    sweep_interval_s: float = Field(60.0, gt=0)
     broker_url: str = ""
     gpus: CommaList = Field(default_factory=list)
     heartbeat_interval_s: float = Field(60.0, gt=0)

@@ -323,8 +323,8 @@ class IclClient:
             "POST", "/internal/task/verify", SubmissionAck, body=verdict, retry=NO_RETRY
         )
 
-    def job_status(self, job_id: str) -> JobStatus:
-        return self._call("GET", f"/internal/jobs/{job_id}/status", JobStatus)
+    def job_status(self, job_id: str, *, retry: Retry | None = None) -> JobStatus:
+        return self._call("GET", f"/internal/jobs/{job_id}/status", JobStatus, retry=retry)
 
     # plumbing ----------------------------------------------------------------------------
 

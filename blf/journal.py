@@ -19,9 +19,13 @@ import redis
 
 from blf.names import node_key
 
-__all__ = ["STAGES", "Journal"]
+__all__ = ["FINAL_STATES", "STAGES", "Journal"]
 
 RECORD_TTL_S = 7 * 86400
+# States a job does not leave (a late submission may still turn "failed" into "submitted").
+FINAL_STATES = frozenset(
+    {"submitted", "failed", "expired", "claim-failed", "closed", "unconfirmed"}
+)
 STAGES = (  # seconds per stage, in the order a job passes them
     "queue_s",
     "claim_s",
@@ -55,6 +59,14 @@ class Journal:
             pipe.expire(self._job_key(job_id), RECORD_TTL_S)
             pipe.zadd(node_key(self._address, "jobs"), {job_id: now})
             pipe.execute()
+
+    def record_unless_final(self, job_id: str, state: str, **fields: Any) -> bool:
+        """``record``, unless the job already reached a final state (a redelivered step
+        must not turn a submitted job back into a running or failed one)."""
+        if self._redis.hget(self._job_key(job_id), "state") in FINAL_STATES:
+            return False
+        self.record(job_id, state, **fields)
+        return True
 
     def get(self, job_id: str) -> dict[str, str]:
         return dict(self._redis.hgetall(self._job_key(job_id)))  # type: ignore[arg-type]

@@ -324,10 +324,12 @@ def send_tasks(
     *,
     kwargs: dict[str, Any] | None = None,
     signed: bool = True,
+    link: str | None = None,
 ) -> None:
     """Send tasks as the node's beat would (signed with its control key), through a Celery
     app of the test's own (the module-level app would keep a pool to whatever broker an
-    earlier test used). ``signed=False`` sends what a GPU host could."""
+    earlier test used). ``signed=False`` sends what a GPU host could; ``link`` attaches a
+    callback task (with the same kwargs), as a GPU host might try."""
     settings = load_config(node.config_path).settings.model_copy(update={"broker_url": broker})
     sender = configure(settings, target=Celery("blf-test", set_as_current=False))
     key = control_key(node.root / settings.control_key_file)
@@ -335,6 +337,9 @@ def send_tasks(
         for _ in range(count):
             task_id = uuid.uuid4().hex
             headers = {MAC_HEADER: message_mac(key, name, task_id, (), kwargs)} if signed else {}
-            sender.send_task(name, kwargs=kwargs, task_id=task_id, headers=headers)
+            options: dict[str, Any] = {"headers": headers}
+            if link:
+                options["link"] = sender.signature(link, kwargs=kwargs, immutable=True)
+            sender.send_task(name, kwargs=kwargs, task_id=task_id, **options)
     finally:
         sender.close()

@@ -47,7 +47,7 @@ def test_everything_is_namespaced_by_the_node_address() -> None:
 def test_beat_entries_expire_within_their_interval_and_the_lock_frees_quickly() -> None:
     c = conf(poll_interval_s=5)
     schedule = c["beat_schedule"]
-    assert isinstance(schedule, dict) and len(schedule) == 4
+    assert isinstance(schedule, dict) and len(schedule) == 5  # the four loops and the sweeper
     for entry in schedule.values():
         assert entry["options"]["expires"] <= entry["schedule"].total_seconds()
     assert float(c["redbeat_lock_timeout"]) <= 60  # RedBeat's default is 25 minutes

@@ -9,16 +9,19 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 
 from blf import crypto
 from blf.broker import EmbeddedRedis
 from blf.devnet.network import LocalNetwork
 from blf.devnet.user import DevnetInfo, DevnetUser
 from blf.inference.mock import mock_output
+from blf.journal import Journal
 from blf.payloads import JobTicket
 from tests.nodes import (
     NodeDir,
@@ -197,13 +200,49 @@ def test_control_worker_refuses_orders_not_from_the_control_machine(
     send_tasks(
         node,
         broker,
-        "blf.tasks.jobs.finish_job",
+        "blf.tasks.finish.finish_job",
         kwargs={"continuation": "0" * 64, "outcome": {"ok": False, "job_id": "x", "reason": "x"}},
         signed=False,
     )
+    # Celery would publish a callback from the control worker itself, signed: a message
+    # that brings one is refused, with the proof or without, and its callback never runs.
+    # (The sweep is the callback here because its effect can be seen in the journal.)
+    journal = Journal(
+        redis.Redis.from_url(shared_redis.urls.redis, decode_responses=True), node.address
+    )
+    journal.record("d" * 64, "inference", deadline=int(time.time()) - 3600)
+    for signed in (False, True):
+        send_tasks(
+            node,
+            broker,
+            "blf.tasks.loops.icl_heartbeat",
+            signed=signed,
+            link="blf.tasks.loops.sweep_jobs",
+        )
     worker.wait_for(r"Refused blf\.tasks\.jobs\.start_job .*not from the control machine")
-    worker.wait_for(r"Refused blf\.tasks\.jobs\.finish_job .*unknown or expired continuation")
+    worker.wait_for(r"Refused blf\.tasks\.loops\.icl_heartbeat .*carries callbacks", count=2)
+    worker.wait_for(r"Refused blf\.tasks\.finish\.finish_job .*unknown or expired continuation")
     assert "Job ffffffff...: starting" not in worker.output()
     # The same order, signed with the node's control key, is taken.
     send_tasks(node, broker, "blf.tasks.jobs.start_job", kwargs={"ticket": ticket.model_dump()})
-    worker.wait_for(r"Job ffffffff\.\.\.: (starting|claim failed)")
+    worker.wait_for(r"Job ffffffff\.\.\.: claim failed")  # sent after the refused ones
+    assert journal.get("d" * 64)["state"] == "inference"  # no sweep ran as a callback
+
+
+def test_the_sweeper_fails_jobs_left_unanswered_past_their_deadline(
+    services: Services, processes: Processes, shared_redis: EmbeddedRedis
+) -> None:
+    broker = shared_redis.urls.celery
+    node = make_node(services.network.icl.url, models=MODEL)
+    worker = control_worker(processes, node, services, broker)
+    journal = Journal(
+        redis.Redis.from_url(shared_redis.urls.redis, decode_responses=True), node.address
+    )
+    journal.record("a" * 64, "inference", deadline=int(time.time()) - 3600)  # order lost
+    journal.record("b" * 64, "inference", deadline=int(time.time()) + 3600)  # still in time
+    journal.record("c" * 64, "submitted", deadline=int(time.time()) - 3600)  # done
+    send_tasks(node, broker, "blf.tasks.loops.sweep_jobs")
+    worker.wait_for(r"Job aaaaaaaa\.\.\.: failed: no answer before the deadline")
+    assert journal.get("a" * 64)["state"] == "failed"
+    assert journal.get("b" * 64)["state"] == "inference"
+    assert journal.get("c" * 64)["state"] == "submitted"

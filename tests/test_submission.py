@@ -9,7 +9,7 @@ import redis
 
 from blf.authority import Refused, issue_continuation, message_mac, redeem_continuation
 from blf.broker import EmbeddedRedis
-from blf.errors import IclStatusError, IclTransportError
+from blf.errors import IclProtocolError, IclStatusError, IclTransportError
 from blf.payloads import JobTicket
 from blf.submission import LEASE_S, Settled, Submission, Submitted, drop_leases
 
@@ -85,8 +85,36 @@ def test_a_refused_submission_is_never_sent_again(client: redis.Redis) -> None:
     with pytest.raises(IclStatusError):
         guard(client).submit(Ledger(fail=refused).send, Ledger().settle)
     again = Ledger()
-    assert guard(client).submit(again.send, again.settle) is Submitted.ALREADY
+    assert guard(client).submit(again.send, again.settle) is Submitted.REFUSED
     assert again.sent == 0
+
+
+def test_a_2xx_answer_the_client_cannot_read_still_counts_as_landed(client: redis.Redis) -> None:
+    garbled = IclProtocolError("ICL answered POST /internal/task/result with an unexpected body")
+    assert guard(client).submit(Ledger(fail=garbled).send, Ledger().settle) is Submitted.SENT
+    assert guard(client).done()
+
+
+def test_a_copy_whose_lease_lapsed_while_settling_does_not_send(client: redis.Redis) -> None:
+    """Copy A asks the ICL for too long; its lease lapses and copy B takes it. A must then
+    neither send nor free B's lease."""
+    first = Ledger(fail=transport_error())
+    with pytest.raises(IclTransportError):
+        guard(client).submit(first.send, first.settle)
+    lease = f"blf:{ADDRESS.lower()}:submit-lease:job-1"
+    sends: list[str] = []
+
+    def slow_settle() -> Settled:
+        client.delete(lease)  # A's lease lapses...
+        client.set(lease, "copy-b", ex=LEASE_S)  # ...and B holds it now
+        return Settled.ABSENT
+
+    def send_a() -> str:
+        sends.append("a")
+        return "ok"
+
+    assert guard(client).submit(send_a, slow_settle) is Submitted.BUSY
+    assert sends == [] and client.get(lease) == "copy-b"
 
 
 def test_a_copy_of_the_task_waits_while_another_is_sending(client: redis.Redis) -> None:
@@ -117,8 +145,10 @@ def test_leases_left_by_dead_workers_can_be_dropped(client: redis.Redis) -> None
 TICKET = JobTicket(job_id="j" * 64, role="leader", model_id="m", prompt_cid="c", deadline=9)
 
 
-def redeem(client: redis.Redis, token: str) -> Callable[[str, str], JobTicket]:
-    return lambda step, task_id: redeem_continuation(client, ADDRESS, token, step, task_id)
+def redeem(client: redis.Redis, token: str) -> Callable[..., JobTicket]:
+    return lambda step, task_id, answer="a": redeem_continuation(
+        client, ADDRESS, token, step, task_id, {"answer": answer}
+    )
 
 
 def test_a_continuation_is_good_for_one_message(client: redis.Redis) -> None:
@@ -128,6 +158,8 @@ def test_a_continuation_is_good_for_one_message(client: redis.Redis) -> None:
     assert use("finish", "task-a") == TICKET  # the same message, redelivered
     with pytest.raises(Refused, match="already used by another message"):
         use("finish", "task-b")
+    with pytest.raises(Refused, match="already used by another message"):
+        use("finish", "task-a", "another answer under the same task id")
     with pytest.raises(Refused, match="not 'other'"):
         use("other", "task-a")
     with pytest.raises(Refused, match="unknown or expired"):

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from celery import Task
+from celery.exceptions import Reject
 
 from blf import crypto, keyfiles
 from blf.app import app, visibility_timeout
@@ -30,7 +31,7 @@ __all__ = ["GpuContext", "install", "run_inference"]
 
 log = logging.getLogger("blf.inference")
 
-FINISH_JOB = "blf.tasks.jobs.finish_job"
+FINISH_JOB = "blf.tasks.finish.finish_job"
 TRANSIENT = (IpfsTransportError,)
 
 
@@ -78,18 +79,33 @@ def run_inference(self: Task, model_id: str, order: dict[str, Any]) -> str:
         delay = _backoff(self)
         if time.time() + delay < job.deadline:
             log.warning("Job %s: %s; retrying in %.0fs", short(job.job_id), exc, delay)
-            raise self.retry(countdown=delay) from exc
+            raise self.retry(countdown=delay, kwargsrepr=shown(job)) from exc
         answer = InferenceFailure(job_id=job.job_id, reason=f"still failing at the deadline: {exc}")
-    except BlfError as exc:
+    except BlfError as exc:  # our own errors: their one line names no prompt or output
         answer = InferenceFailure(job_id=job.job_id, reason=str(exc)[:500])
+    except Exception as exc:
+        # A backend's own error may quote the prompt: the reason is its type alone, and the
+        # traceback goes to DEBUG, where prompts may be logged anyway.
+        log.debug("Job %s: inference raised", short(job.job_id), exc_info=True)
+        answer = InferenceFailure(
+            job_id=job.job_id, reason=f"inference failed: {type(exc).__name__}"
+        )
     if isinstance(answer, InferenceFailure):
         log.error("Job %s: inference failed: %s", short(job.job_id), answer.reason)
-    app.send_task(
-        FINISH_JOB,
-        kwargs={"continuation": job.continuation, "outcome": answer.model_dump()},
-        kwargsrepr=shown(job),
-    )
+    _answer(job, answer)
     return "ok" if answer.ok else "failed"
+
+
+def _answer(job: InferenceOrder, answer: InferenceResult | InferenceFailure) -> None:
+    try:
+        app.send_task(
+            FINISH_JOB,
+            kwargs={"continuation": job.continuation, "outcome": answer.model_dump()},
+            kwargsrepr=shown(job),
+        )
+    except Exception as exc:  # kombu raises many kinds; the answer must not be lost to any
+        log.warning("Job %s: answer not sent (%s); the order goes back", short(job.job_id), exc)
+        raise Reject(requeue=True) from exc
 
 
 def _backoff(task: Task) -> float:

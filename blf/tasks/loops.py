@@ -22,11 +22,18 @@ from blf.app import app, node_key
 from blf.authority import ControlTask
 from blf.errors import BlfError, NodeUnknownError
 from blf.icl import NO_RETRY, Assignment
+from blf.journal import FINAL_STATES
 from blf.payloads import JobTicket
 from blf.tasks import short, shown
 from blf.tasks.jobs import RECORD_GRACE_S, start_job
 
-__all__ = ["attestation_watchdog", "chain_heartbeat", "icl_heartbeat", "poll_assignments"]
+__all__ = [
+    "attestation_watchdog",
+    "chain_heartbeat",
+    "icl_heartbeat",
+    "poll_assignments",
+    "sweep_jobs",
+]
 
 log = logging.getLogger("blf.loops")
 
@@ -37,6 +44,8 @@ PENDING_MARK_S = 60
 ATTEST_LOCK_S = 120
 REATTEST_BACKOFF_S = 60
 CHAIN_LOCK_S = 300  # longer than a heartbeat transaction takes to be mined
+SWEEP_GRACE_S = 60  # past a job's deadline, before the sweep calls it failed
+SWEEP_SCAN = 1000  # most recently updated jobs the sweep looks at
 
 periodic = app.task(base=ControlTask, acks_late=False, ignore_result=True)
 
@@ -209,3 +218,20 @@ def chain_heartbeat() -> None:
         log.info("On-chain heartbeat sent (tx %s)", outcome.tx_hash)
     else:
         log.debug("On-chain heartbeat not due for %ss", outcome.seconds_until_due)
+
+
+@periodic
+def sweep_jobs() -> None:
+    """Record the failure of every job still unfinished past its deadline: its answer was
+    lost on the way (an order that expired unrun, a GPU worker gone for good), and a
+    claimed job must not stay "in progress" in the journal for ever."""
+    journal = runtime.journal()
+    now = time.time()
+    for job_id, record in journal.recent(SWEEP_SCAN):
+        deadline = float(record.get("deadline") or 0)
+        state = record.get("state", "")
+        if state in FINAL_STATES or not deadline or now < deadline + SWEEP_GRACE_S:
+            continue
+        reason = f"no answer before the deadline (it was at {state!r})"
+        if journal.record_unless_final(job_id, "failed", reason=reason):
+            log.error("Job %s: failed: %s", short(job_id), reason)
