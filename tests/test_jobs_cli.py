@@ -125,3 +125,16 @@ def test_status_names_cofhe_and_ipfs(devnet: DevnetIcl) -> None:
     bare = status_rows(node.invoke("status"))
     assert bare["CoFHE"] == "python, no cofhe_endpoint: jobs fail"
     assert bare["IPFS"].startswith("no upload target: leader jobs fail")
+
+
+def test_init_makes_a_cluster_key_and_a_control_key_readable_by_the_owner_only(
+    devnet: DevnetIcl,
+) -> None:
+    node = make_node(devnet.url, attest=False)
+    keys = [node.root / "cluster.key", node.root / "control.key"]
+    assert [oct(k.stat().st_mode & 0o777) for k in keys] == ["0o600", "0o600"]
+    texts = [k.read_text().strip() for k in keys]
+    assert all(len(t) == 64 and int(t, 16) >= 0 for t in texts) and texts[0] != texts[1]
+    result = node.invoke("init", "--force", "--models", "m", "--icl", devnet.url)
+    assert result.exit_code == 0, result.output
+    assert [k.read_text().strip() for k in keys] != texts  # a new node, new keys
