@@ -6,9 +6,11 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import warnings
 
-__all__ = ["NodeFormatter", "configure_logging"]
+__all__ = ["NodeFormatter", "configure_logging", "warn_if_root"]
 
 LOG_FORMAT = "[%(asctime)s] [%(levelname)-7s] [%(node)s] %(message)s"
 DATE_FORMAT = "%Y-%m-%dT%H:%M:%S"
@@ -57,3 +59,14 @@ def configure_logging(address: str, level: str = "INFO") -> None:
         beat.removeFilter(old_filter)
     if not debug:
         beat.addFilter(_NoTickSends())
+
+
+def warn_if_root() -> None:
+    """One line for what Celery says in a multi-line banner per worker."""
+    from celery.exceptions import SecurityWarning
+
+    warnings.filterwarnings("ignore", category=SecurityWarning)
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        logging.getLogger("blf.node").warning(
+            "Running as root: prefer a dedicated user (see the systemd example in the README)"
+        )

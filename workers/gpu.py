@@ -24,7 +24,7 @@ __all__ = ["main", "start"]
 
 def start(concurrency: int | None = None) -> int:
     from blf.app import app, configure
-    from blf.logging import configure_logging
+    from blf.logging import configure_logging, warn_if_root
     from blf.names import model_queue
     from blf.tasks import inference
 
@@ -39,6 +39,7 @@ def start(concurrency: int | None = None) -> int:
     app.conf.include = ["blf.tasks.inference"]
     inference.install(context)
     configure_logging(settings.node_address, settings.log_level)
+    warn_if_root()
     worker: Any = app.Worker(
         hostname=f"gpu.{settings.node_address[:10]}@{socket.gethostname()}",
         queues=[model_queue(settings.node_address, m) for m in models],

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
 import sys
-import warnings
 
 import click
-from celery.exceptions import SecurityWarning
 
 from blf.config import LoadedConfig
 from blf.errors import ConfigError
-from blf.logging import configure_logging
+from blf.logging import configure_logging, warn_if_root
 
 NO_ATTESTATION = "Error: No attestation found. Run `blindference-node attest` first."
 
@@ -93,7 +90,7 @@ def worker(role: str, with_beat: bool, concurrency: int | None, password_stdin: 
     configure(settings)
     _load_control_key(loaded)
     configure_logging(settings.node_address, settings.log_level)
-    _warn_if_root()
+    warn_if_root()
     instance = app.Worker(
         hostname=f"control.{settings.node_address[:10]}@{socket.gethostname()}",
         queues=[control_queue(node.address)],
@@ -125,15 +122,6 @@ def _load_control_key(loaded: LoadedConfig) -> None:
     from blf.keyfiles import control_key
 
     install_control_key(control_key(loaded.beside(loaded.settings.control_key_file)))
-
-
-def _warn_if_root() -> None:
-    # Celery's own warning is a multi-line banner per worker; one line says the same.
-    warnings.filterwarnings("ignore", category=SecurityWarning)
-    if hasattr(os, "geteuid") and os.geteuid() == 0:
-        logging.getLogger("blf.node").warning(
-            "Running as root: prefer a dedicated user (see the systemd example in the README)"
-        )
 
 
 @click.command()
