@@ -169,12 +169,16 @@ def test_a_blob_that_does_not_match_its_cid_fails_the_job(quorum: Quorum) -> Non
 
 def test_no_secret_is_left_anywhere_in_redis(quorum: Quorum) -> None:
     """Runs last: after every job above, each node's Redis (keys, values, decoded message
-    bodies, and its append-only file) holds neither prompt, output, nor key."""
+    bodies, and its append-only file) and its log hold neither prompt, output, nor key."""
     assert quorum.secrets, "the first test records what to look for"
     for node in quorum.network.members:
         contents = redis_contents(node)
         assert any(b"blf:" in c for c in contents)  # the scan does see the node's data
         assert secrets_found(contents, quorum.secrets) == [], node.directory.name
+        # Nor does the node's log, at INFO (prompts and outputs are DEBUG-only).
+        log = node_log(quorum.network, node).encode()
+        assert b"Job " in log
+        assert secrets_found([log], quorum.secrets) == [], node.directory.name
     jobs = journal(quorum.honest).recent(50)
     assert jobs and all("prompt" not in record for _, record in jobs)
 

@@ -19,24 +19,33 @@ import hashlib
 import hmac
 import os
 import random
-import re
 import secrets
 import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal, Protocol, TypedDict, TypeVar, Unpack
+from typing import Annotated, Any, TypedDict, Unpack
 
-from eth_utils import is_address, to_checksum_address
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, ValidationError
 from starlette.requests import ClientDisconnect
 
 from blf.devnet._sig import SignatureRejected, check_signed_request
+from blf.devnet.icl_wire import (
+    AttestationRequest,
+    ClaimRequest,
+    HeartbeatRequest,
+    KeyGrants,
+    NewJobRequest,
+    ResultRequest,
+    VerdictRequest,
+    checksummed,
+    one_line,
+    parse,
+)
 from blf.devnet.server import DevnetError, LocalServer, install_error_handler
 from blf.devnet.server import serve as serve_app
 
@@ -60,155 +69,6 @@ ACCEPTED = "ACCEPTED"
 REJECTED = "REJECTED"
 DISPUTED = "DISPUTED"
 TIMEDOUT = "TIMEDOUT"
-
-
-# --------------------------------------------------------------------------- wire validators
-
-_HEX = re.compile(r"[0-9a-f]*")
-_DECIMAL = re.compile(r"[0-9]+")
-
-
-def _checksummed(value: str) -> str:
-    if not is_address(value):
-        raise ValueError(f"{value!r} is not an Ethereum address")
-    if value != to_checksum_address(value):
-        raise ValueError(
-            f"{value} is not EIP-55 checksummed (expected {to_checksum_address(value)})"
-        )
-    return value
-
-
-def _any_address(value: str) -> str:
-    if not is_address(value):
-        raise ValueError(f"{value!r} is not an Ethereum address")
-    return to_checksum_address(value)
-
-
-def _hex_bytes(value: Any) -> str:
-    """Lowercase hex without ``0x``; senders disagree on the prefix, so both are accepted."""
-    if not isinstance(value, str):
-        raise ValueError("must be a hex string")
-    text = value.lower().removeprefix("0x")
-    if not _HEX.fullmatch(text) or len(text) % 2:
-        raise ValueError(f"{value!r} is not hex bytes")
-    return text
-
-
-def _sha256_hex(value: str) -> str:
-    if len(value) != 64:
-        raise ValueError(f"must be 32 bytes (64 hex characters), got {len(value)} characters")
-    return value
-
-
-def _decimal(value: str) -> str:
-    if not _DECIMAL.fullmatch(value):
-        raise ValueError(f"{value!r} is not a decimal integer string")
-    return value
-
-
-def _non_empty(value: str) -> str:
-    if not value.strip():
-        raise ValueError("must not be empty")
-    return value
-
-
-ChecksumAddress = Annotated[str, AfterValidator(_checksummed)]
-AnyAddress = Annotated[str, AfterValidator(_any_address)]
-HexBytes = Annotated[str, BeforeValidator(_hex_bytes)]
-Sha256Hex = Annotated[str, BeforeValidator(_hex_bytes), AfterValidator(_sha256_hex)]
-DecimalStr = Annotated[str, AfterValidator(_decimal)]
-NonEmptyStr = Annotated[str, AfterValidator(_non_empty)]
-
-
-# --------------------------------------------------------------------------- request models
-
-
-class AttestationRequest(BaseModel):
-    nodeAddress: ChecksumAddress
-    backendType: str
-    quote: HexBytes
-    runtimeHash: Sha256Hex
-    challengeId: str
-    supportedModelIds: Annotated[list[NonEmptyStr], Field(min_length=1)]
-
-
-class HeartbeatRequest(BaseModel):
-    nodeAddress: ChecksumAddress
-    timestamp: DecimalStr
-
-
-class ClaimRequest(BaseModel):
-    jobId: str
-    nodeAddress: ChecksumAddress
-
-
-class EncryptedInput(BaseModel):
-    """One CoFHE encrypted input (protocol.md §2, step 5)."""
-
-    ctHash: DecimalStr
-    securityZone: int
-    utype: int
-    signature: HexBytes
-
-
-class EncryptedKeyInputs(BaseModel):
-    high: EncryptedInput
-    low: EncryptedInput
-
-
-class ResultRequest(BaseModel):
-    jobId: str
-    output_cid: NonEmptyStr
-    commitment_hash: Sha256Hex
-    encrypted_output_key_high: DecimalStr
-    encrypted_output_key_low: DecimalStr
-    encrypted_output_key_inputs: EncryptedKeyInputs
-    output_key_store_tx: str | None = None
-
-
-class VerdictRequest(BaseModel):
-    jobId: str
-    verifier_address: ChecksumAddress
-    commitment_hash: Sha256Hex
-    verdict: Literal["CONFIRM", "REJECT"]
-    confidence: Annotated[float, Field(ge=0, le=100)]
-
-
-class NewJobRequest(BaseModel):
-    modelId: NonEmptyStr
-    promptCid: NonEmptyStr
-    kpHighHandle: Annotated[int, Field(ge=0)]
-    kpLowHandle: Annotated[int, Field(ge=0)]
-    userAddress: AnyAddress
-    insuranceOptIn: bool = False
-    deadlineSeconds: Annotated[int, Field(gt=0)] = 600
-    # Tests and trials may pick the quorum (leader first) instead of the random choice.
-    quorum: Annotated[list[ChecksumAddress], Field(min_length=3, max_length=3)] | None = None
-
-
-class KeyGrants(Protocol):
-    """Who may decrypt a CoFHE handle: the devnet CoFHE, when one runs beside this ICL."""
-
-    def grant(self, handle: int, addresses: Iterable[str]) -> None: ...
-
-
-ModelT = TypeVar("ModelT", bound=BaseModel)
-
-
-def _one_line(exc: ValidationError | RequestValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "body"
-        parts.append(f"{where}: {err['msg']}")
-    return "invalid request: " + "; ".join(parts)
-
-
-def _parse(model: type[ModelT], raw: bytes) -> ModelT:
-    # Parsed from the very bytes that were signed, never from a re-serialised form.
-    try:
-        return model.model_validate_json(raw)
-    except ValidationError as exc:
-        raise DevnetError(400, _one_line(exc)) from exc
 
 
 # --------------------------------------------------------------------------- state
@@ -815,7 +675,7 @@ def _service_info() -> dict[str, Any]:
 async def _validation_error_response(_request: Request, exc: Exception) -> JSONResponse:
     # FastAPI answers 422; the node treats any 4xx alike, and 400 is what the ICL sends.
     assert isinstance(exc, RequestValidationError)
-    return JSONResponse({"detail": _one_line(exc)}, status_code=400)
+    return JSONResponse({"detail": one_line(exc)}, status_code=400)
 
 
 async def _signed(request: Request) -> Signed:
@@ -851,11 +711,11 @@ def _internal_router(state: DevnetState) -> APIRouter:
 
     @router.post("/attestation/verify")
     def attestation_verify(req: SignedReq) -> dict[str, Any]:
-        return state.verify_attestation(req.signer, _parse(AttestationRequest, req.body))
+        return state.verify_attestation(req.signer, parse(AttestationRequest, req.body))
 
     @router.post("/heartbeat")
     def heartbeat(req: SignedReq) -> dict[str, Any]:
-        return state.heartbeat(req.signer, _parse(HeartbeatRequest, req.body))
+        return state.heartbeat(req.signer, parse(HeartbeatRequest, req.body))
 
     @router.get("/assignments/{address}")
     def assignments(address: str, req: SignedReq) -> dict[str, Any]:
@@ -863,15 +723,15 @@ def _internal_router(state: DevnetState) -> APIRouter:
 
     @router.post("/task/claim")
     def claim(req: SignedReq) -> dict[str, Any]:
-        return state.claim(req.signer, _parse(ClaimRequest, req.body))
+        return state.claim(req.signer, parse(ClaimRequest, req.body))
 
     @router.post("/task/result")
     def result(req: SignedReq) -> dict[str, Any]:
-        return state.submit_result(req.signer, _parse(ResultRequest, req.body))
+        return state.submit_result(req.signer, parse(ResultRequest, req.body))
 
     @router.post("/task/verify")
     def verify(req: SignedReq) -> dict[str, Any]:
-        return state.submit_verdict(req.signer, _parse(VerdictRequest, req.body))
+        return state.submit_verdict(req.signer, parse(VerdictRequest, req.body))
 
     @router.get("/jobs/{job_id}/status")
     def job_status(job_id: str) -> dict[str, Any]:
@@ -882,7 +742,7 @@ def _internal_router(state: DevnetState) -> APIRouter:
 
 def _path_address(address: str) -> str:
     try:
-        return _checksummed(address)
+        return checksummed(address)
     except ValueError as exc:
         raise DevnetError(400, f"path address: {exc}") from exc
 
