@@ -246,3 +246,36 @@ def test_the_sweeper_fails_jobs_left_unanswered_past_their_deadline(
     assert journal.get("a" * 64)["state"] == "failed"
     assert journal.get("b" * 64)["state"] == "inference"
     assert journal.get("c" * 64)["state"] == "submitted"
+
+
+def test_a_model_without_backend_or_a_leader_without_upload_target_fails_the_job_once(
+    services: Services, processes: Processes, shared_redis: EmbeddedRedis
+) -> None:
+    """Permanent failures on the GPU side reach the control side as a recorded reason;
+    nothing is submitted and nothing is invented (no fallback model, no made-up CID)."""
+    broker = shared_redis.urls.celery
+    models = f"{MODEL},unserved"
+    leader, *verifiers = (make_node(services.network.icl.url, models=models) for _ in range(3))
+    control_worker(processes, leader, services, broker)
+    gpu = GpuMachine(leader, services, broker)
+    gpu.env.update(BLF_SUPPORTED_MODEL_IDS=models)
+    del gpu.env["BLF_IPFS_API_URL"]  # downloads through the gateway; nowhere to upload
+    gpu.start()
+    journal = Journal(
+        redis.Redis.from_url(shared_redis.urls.redis, decode_responses=True), leader.address
+    )
+    quorum = [leader.address, *(v.address for v in verifiers)]
+    reasons = {}
+    for model in ("unserved", MODEL):
+        key = crypto.new_key()
+        job_id = services.user.submit_blob(
+            crypto.encrypt_blob(key, b"Say nothing."), key, model, quorum=quorum
+        )
+        record = wait_until(
+            lambda j=job_id: (r := journal.get(j)).get("state") == "failed" and r,
+            what=f"the {model} job to fail",
+        )
+        reasons[model] = record["reason"]
+        assert services.network.icl.state.job_record(job_id)["resultPosts"] == 0
+    assert "no backend configured for model 'unserved'" in reasons["unserved"]
+    assert "no IPFS upload target" in reasons[MODEL]
