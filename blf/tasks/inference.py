@@ -11,8 +11,9 @@ never touch the operator key: no wallet, chain, CoFHE or ICL (a test checks).
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from celery import Task
@@ -23,6 +24,7 @@ from blf.app import app, visibility_timeout
 from blf.config import LoadedConfig, Settings, build_settings, load_config, resolve_config_path
 from blf.errors import BlfError, CryptoError, InferenceError, IpfsTransportError
 from blf.inference import Generation, backend_for
+from blf.inference.batcher import Batcher
 from blf.ipfs import IpfsClient
 from blf.payloads import InferenceFailure, InferenceOrder, InferenceResult
 from blf.tasks import short, shown
@@ -40,6 +42,19 @@ class GpuContext:
     settings: Settings
     cluster_key: bytes
     ipfs: IpfsClient
+    batchers: dict[str, Batcher] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def batcher(self, model_id: str) -> Batcher:
+        """One backend per model and worker process, built on first use in this process
+        (never in a parent before a fork), batching this worker's concurrent jobs."""
+        with self.lock:
+            if model_id not in self.batchers:
+                backend = backend_for(model_id, self.settings.model_backends)
+                self.batchers[model_id] = Batcher(
+                    backend, max_batch=self.settings.inference_concurrency
+                )
+            return self.batchers[model_id]
 
 
 _context: GpuContext | None = None
@@ -117,27 +132,29 @@ def _run(job: InferenceOrder, *, queue_s: float) -> InferenceResult:
     if time.time() > job.deadline:
         raise InferenceError("deadline passed before inference started")
     ctx = _ctx()
-    backend = backend_for(job.model_id, ctx.settings.model_backends)  # before any download
+    batcher = ctx.batcher(job.model_id)  # before any download: an unknown model fails here
     t0 = time.time()
     blob = ctx.ipfs.cat(job.prompt_cid)
     t1 = time.time()
     key = crypto.unseal(ctx.cluster_key, job.job_id, job.sealed_prompt_key)
     prompt = _text(crypto.decrypt_blob(key, blob), "prompt")
     log.debug("Job %s: prompt %r", short(job.job_id), prompt)
-    (output,) = backend.generate([Generation(model_id=job.model_id, prompt=prompt)])
+    output = batcher.generate(
+        Generation(model_id=job.model_id, prompt=prompt), timeout_s=job.deadline - time.time()
+    )
     t2 = time.time()
     log.debug("Job %s: output %r", short(job.job_id), output)
     result = InferenceResult(
         job_id=job.job_id,
         output_sha256=crypto.output_hash(output),
-        backend=backend.describe(),
+        backend=batcher.backend.describe(),
         queue_s=queue_s,
         download_s=t1 - t0,
         inference_s=t2 - t1,
     )
     if job.role == "leader":
         result = _publish_output(ctx, job, output, result)
-    log.info("Job %s: inference done (%s)", short(job.job_id), backend.name)
+    log.info("Job %s: inference done (%s)", short(job.job_id), batcher.backend.name)
     return result
 
 
