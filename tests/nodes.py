@@ -76,6 +76,8 @@ class NodeDir:
         return {
             "BLF_CONFIG_PATH": str(self.config_path),
             "BLF_KEY_PASSWORD": PASSWORD,
+            # Control-plane tests run no GPU worker; the pipeline's tests turn this on.
+            "BLF_CLAIM_REQUIRES_WORKER": "0",
             **self.extra_env,
         }
 

@@ -75,7 +75,12 @@ def services() -> Iterator[Services]:
 def control_worker(
     processes: Processes, node: NodeDir, services: Services, broker: str
 ) -> NodeProcess:
-    env = {**services.env(), "BLF_BROKER_URL": broker, "BLF_POLL_INTERVAL_S": "0.5"}
+    env = {
+        **services.env(),
+        "BLF_BROKER_URL": broker,
+        "BLF_POLL_INTERVAL_S": "0.5",
+        "BLF_CLAIM_REQUIRES_WORKER": "1",
+    }
     worker = processes.start(node, "worker", "--role", "control", "--beat", **env)
     worker.wait_for(r"ready\.")
     return worker
@@ -279,3 +284,24 @@ def test_a_model_without_backend_or_a_leader_without_upload_target_fails_the_job
         assert services.network.icl.state.job_record(job_id)["resultPosts"] == 0
     assert "no backend configured for model 'unserved'" in reasons["unserved"]
     assert "no IPFS upload target" in reasons[MODEL]
+
+
+def test_a_job_no_live_worker_can_serve_is_not_claimed_until_one_is(
+    services: Services, processes: Processes, shared_redis: EmbeddedRedis
+) -> None:
+    broker = shared_redis.urls.celery
+    leader, *verifiers = (make_node(services.network.icl.url, models=MODEL) for _ in range(3))
+    worker = control_worker(processes, leader, services, broker)
+    key = crypto.new_key()
+    quorum = [leader.address, *(v.address for v in verifiers)]
+    job_id = services.user.submit_blob(
+        crypto.encrypt_blob(key, b"Anyone there?"), key, MODEL, quorum=quorum
+    )
+    worker.wait_for(rf"Job {job_id[:8]}\.\.\.: not claimed: no live worker serves model {MODEL}")
+    assert services.network.icl.state.job_record(job_id)["claims"][leader.address] == 0
+    GpuMachine(leader, services, broker).start()
+    record = wait_until(
+        lambda: (r := services.network.icl.state.job_record(job_id))["result"] and r,
+        what="the job, claimed once a worker serves its model",
+    )
+    assert record["claims"][leader.address] == 1 and record["resultPosts"] == 1

@@ -38,6 +38,15 @@ class PublicStyle:
         return prompt.upper()
 
 
+class Dice:
+    name = "dice"
+    def generate(self, requests):
+        import secrets
+        return [secrets.token_hex(4) for _ in requests]
+    def describe(self):
+        return "dice"
+
+
 class Unavailable(PublicStyle):
     name = "gone"
     def is_available(self):
@@ -53,7 +62,7 @@ def installed_plugins(tmp_path: Path) -> Iterator[None]:
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fake-backends\nVersion: 0.1\n")
     (info / "entry_points.txt").write_text(
-        "[blf.backends]\necho = fake_backends:Echo\n\n"
+        "[blf.backends]\necho = fake_backends:Echo\ndice = fake_backends:Dice\n\n"
         "[blindference.backends]\nshouty = fake_backends:PublicStyle\n"
         "gone = fake_backends:Unavailable\nbroken = fake_backends:Missing\n"
     )

@@ -70,12 +70,17 @@ def run() -> None:
 @click.option("--beat", "with_beat", is_flag=True, help="Also run the beat scheduler inside.")
 @click.option("--concurrency", type=int, default=None, help="Parallel tasks (default from config).")
 @click.option(
+    "--models", default=None, help="inference: comma-separated models to serve (default: config)."
+)
+@click.option(
     "--password-stdin", is_flag=True, help="Read the keystore password from the first stdin line."
 )
-def worker(role: str, with_beat: bool, concurrency: int | None, password_stdin: bool) -> None:
+def worker(
+    role: str, with_beat: bool, concurrency: int | None, models: str | None, password_stdin: bool
+) -> None:
     """Run one Celery worker of this node against its broker_url."""
     if role == "inference":
-        _exec_gpu_worker(concurrency)
+        _exec_gpu_worker(concurrency, models)
     from blf import runtime
     from blf.app import app, configure, control_queue, settings_with_address
     from blf.node import open_node
@@ -107,12 +112,14 @@ def worker(role: str, with_beat: bool, concurrency: int | None, password_stdin: 
     sys.exit(instance.exitcode or 0)
 
 
-def _exec_gpu_worker(concurrency: int | None) -> None:
+def _exec_gpu_worker(concurrency: int | None, models: str | None) -> None:
     """The inference role is the key-free GPU entry point (``python -m workers.gpu``): this
     process has imported the CLI, and with it the operator-side modules, so it is replaced."""
     command = [sys.executable, "-m", "workers.gpu"]
     if concurrency:
         command += ["--concurrency", str(concurrency)]
+    if models:
+        command += ["--models", models]
     os.execv(sys.executable, command)
 
 

@@ -44,6 +44,15 @@ class GpuContext:
     ipfs: IpfsClient
     batchers: dict[str, Batcher] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    slots: int = 1
+    active: int = 0
+
+    def free_slots(self) -> int:
+        return self.slots - self.active
+
+    def busy(self, delta: int) -> None:
+        with self.lock:
+            self.active += delta
 
     def batcher(self, model_id: str) -> Batcher:
         """One backend per model and worker process, built on first use in this process
@@ -87,6 +96,15 @@ def _ctx() -> GpuContext:
 )
 def run_inference(self: Task, model_id: str, order: dict[str, Any]) -> str:
     job = InferenceOrder.model_validate(order)
+    ctx = _ctx()
+    ctx.busy(+1)
+    try:
+        return _serve(self, job)
+    finally:
+        ctx.busy(-1)
+
+
+def _serve(self: Task, job: InferenceOrder) -> str:
     started = time.time()
     try:
         answer: InferenceResult | InferenceFailure = _run(job, queue_s=started - job.dispatched_at)

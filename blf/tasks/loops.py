@@ -20,6 +20,7 @@ from redis.exceptions import LockError
 from blf import runtime
 from blf.app import app, node_key
 from blf.authority import ControlTask
+from blf.capacity import live_workers
 from blf.errors import BlfError, NodeUnknownError
 from blf.icl import NO_RETRY, Assignment
 from blf.journal import FINAL_STATES
@@ -95,7 +96,7 @@ def poll_assignments() -> None:
     except BlfError as exc:
         log.warning("Assignment poll failed: %s", exc)
         return
-    fresh = [a for a in assignments if _mark_pending(a)]
+    fresh = [a for a in assignments if _servable(a) and _mark_pending(a)]
     redis = runtime.redis_client()
     if not fresh:
         if redis.set(_key("quiet"), "1", nx=True, ex=QUIET_LOG_S):
@@ -117,6 +118,24 @@ def _fetch_assignments() -> list[Assignment]:
         if not reattest(stale_cert=runtime.node().settings.attestation_cert_hash):
             return []
         return icl.assignments(retry=NO_RETRY)
+
+
+def _servable(assignment: Assignment) -> bool:
+    """A job is claimed only when a live worker serves its model: a claimed job nobody
+    answers costs the operator. An unservable one is left listed, for a later poll."""
+    settings = runtime.node().settings
+    if not settings.claim_requires_worker:
+        return True
+    client = runtime.redis_client()
+    if live_workers(client, runtime.node().address, assignment.model_id):
+        return True
+    if client.set(_key("unservable", assignment.job_id), "1", nx=True, ex=QUIET_LOG_S):
+        log.warning(
+            "Job %s: not claimed: no live worker serves model %s",
+            short(assignment.job_id),
+            assignment.model_id,
+        )
+    return False
 
 
 def _mark_pending(assignment: Assignment) -> bool:

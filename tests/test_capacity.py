@@ -1,0 +1,43 @@
+"""What GPU workers say about themselves, as the poller reads it, on a real Redis."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from blf.broker import EmbeddedRedis
+from blf.capacity import CapacityPublisher, live_workers
+
+ADDRESS = "0x000000000000000000000000000000000000dEaD"
+
+
+@pytest.fixture
+def client(shared_redis: EmbeddedRedis) -> Iterator[redis.Redis]:
+    connection = redis.Redis.from_url(shared_redis.urls.redis, decode_responses=True)
+    yield connection
+    connection.close()
+
+
+def test_a_worker_is_live_for_its_models_until_it_stops(client: redis.Redis) -> None:
+    free = [3]
+    publisher = CapacityPublisher(client, ADDRESS, ["a", "b"], "gpu1@host", lambda: free[0])
+    publisher.publish()
+    assert live_workers(client, ADDRESS, "a") == {"gpu1@host": 3}
+    assert live_workers(client, ADDRESS, "b") == {"gpu1@host": 3}
+    assert live_workers(client, ADDRESS, "c") == {}
+    assert live_workers(client, "0x0000000000000000000000000000000000000001", "a") == {}
+    free[0] = 1
+    publisher.publish()
+    assert live_workers(client, ADDRESS, "a") == {"gpu1@host": 1}
+    publisher.stop()
+    assert live_workers(client, ADDRESS, "a") == {}
+
+
+def test_a_worker_that_went_silent_is_not_live(client: redis.Redis) -> None:
+    client.zadd(f"blf:{ADDRESS.lower()}:workers:a", {"gone@host": time.time() - 1})
+    client.hset(f"blf:{ADDRESS.lower()}:slots:a", "gone@host", 4)
+    CapacityPublisher(client, ADDRESS, ["a"], "here@host", lambda: 2).publish()
+    assert live_workers(client, ADDRESS, "a") == {"here@host": 2}
