@@ -1,10 +1,18 @@
-"""Per-stage times of jobs on a local three-node network (the devnet, mock model).
+"""Jobs on a local three-node network (the devnet, mock model), measured.
 
     .venv/bin/python bench/pipeline.py [--jobs 10] [--poll 1.0]
+    .venv/bin/python bench/pipeline.py --slots 1,2,4 [--burst 12] [--latency 0.2]
 
-Prints the p50 (and max) of each stage from the nodes' journals, the time from the poll
-that saw a job to its submission (per role), and the user's wait from submission to the
-final status. Nothing here is asserted: these are numbers to compare before and after.
+The first form sends jobs one after another and prints the p50 (and max) of each stage
+from the nodes' journals, the time from the poll that saw a job to its submission (per
+role), and the user's wait from submission to the final status.
+
+The second sends ``burst`` jobs at once to networks whose GPU workers have 1, 2, 4 slots,
+with the mock taking ``latency`` seconds per call whatever the batch size (one batched
+forward pass), and prints jobs/s and the p50/p95 of inference and total per slot count:
+the pipeline's batching, apart from any model's speed.
+
+Nothing here is asserted: these are numbers to compare before and after.
 """
 
 from __future__ import annotations
@@ -27,7 +35,16 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--jobs", type=int, default=10)
     parser.add_argument("--poll", type=float, default=1.0, help="poll_interval_s of the nodes")
+    parser.add_argument("--slots", default="", help="e.g. 1,2,4: the burst benchmark")
+    parser.add_argument("--burst", type=int, default=12)
+    parser.add_argument("--latency", type=float, default=0.2)
     args = parser.parse_args()
+    if args.slots:
+        print(f"{args.burst} jobs at once, mock at {args.latency}s per batch, poll {args.poll}s")
+        print("slots  jobs/s  inference p50/p95 (ms)  total p50/p95 (ms)")
+        for slots in (int(n) for n in args.slots.split(",")):
+            burst(slots, args.burst, args.latency, args.poll)
+        return
     root = Path(tempfile.mkdtemp(prefix="blf-bench-", dir="/tmp"))
     network = LocalNetwork(
         root,
@@ -77,6 +94,53 @@ def main() -> None:
                     f"   max {max(values) * 1000:8.1f} ms   n={len(values)}"
                 )
     print(json.dumps({"root": str(root)}))
+
+
+def burst(slots: int, jobs: int, latency: float, poll: float) -> None:
+    root = Path(tempfile.mkdtemp(prefix="blf-bench-", dir="/tmp"))
+    backends = json.dumps({"demo-model": {"backend": "mock", "batch_latency_s": latency}})
+    network = LocalNetwork(
+        root,
+        env={
+            "BLF_POLL_INTERVAL_S": str(poll),
+            "BLF_INFERENCE_CONCURRENCY": str(slots),
+            "BLF_MODEL_BACKENDS": backends,
+        },
+        output=lambda node: (root / f"{node.directory.name}.log").open("wb"),
+    )
+    network.start()
+    try:
+        network.wait_ready()
+        time.sleep(1)  # the GPU workers' first capacity word
+        user = DevnetUser(DevnetInfo.read(network.info_path))
+        started = time.monotonic()
+        ids = [user.submit(f"burst prompt {i}", "demo-model") for i in range(jobs)]
+        for job_id in ids:
+            user.wait(job_id, 300)
+        elapsed = time.monotonic() - started
+        inference, total = [], []
+        for node in network.members:
+            client = redis.Redis(
+                unix_socket_path=str(node.directory / "redis.sock"), decode_responses=True
+            )
+            for job_id in ids:
+                record = Journal(client, node.address).get(job_id)
+                if record.get("state") == "submitted":
+                    inference.append(float(record["inference_s"]))
+                    total.append(float(record["total_s"]))
+    finally:
+        network.stop()
+    print(
+        f"{slots:>5}  {jobs / elapsed:6.2f}  {_pct(inference, 50):>8} / {_pct(inference, 95):<8}"
+        f"       {_pct(total, 50):>7} / {_pct(total, 95)}"
+    )
+
+
+def _pct(values: list[float], percent: int) -> str:
+    if not values:
+        return "-"
+    ordered = sorted(values)
+    return f"{ordered[min(len(ordered) - 1, len(ordered) * percent // 100)] * 1000:.0f}"
 
 
 if __name__ == "__main__":
