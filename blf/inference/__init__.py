@@ -7,7 +7,7 @@ something else (the public node falls back to its mock).
 
 Backends come from three places, looked up in this order:
 
-* blf's own (``mock`` here; the inference milestone adds the real engines);
+* blf's own: ``mock``, and ``openai`` (an OpenAI-compatible server by URL);
 * the ``blf.backends`` entry point group: a callable taking the options as keyword
   arguments and returning a ``Backend``;
 * the public node's ``blindference.backends`` group, whose plugins have
@@ -56,7 +56,13 @@ def _mock(**options: Any) -> Backend:
     return MockBackend(**options)
 
 
-BUILTIN: dict[str, Callable[..., Backend]] = {"mock": _mock}
+def _openai(**options: Any) -> Backend:
+    from blf.inference.openai import OpenAICompatibleBackend
+
+    return OpenAICompatibleBackend(**options)
+
+
+BUILTIN: dict[str, Callable[..., Backend]] = {"mock": _mock, "openai": _openai}
 
 
 def backend_for(model_id: str, specs: Mapping[str, BackendSpec]) -> Backend:
