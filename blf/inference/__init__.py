@@ -7,7 +7,7 @@ something else (the public node falls back to its mock).
 
 Backends come from three places, looked up in this order:
 
-* blf's own: ``mock``, and ``openai`` (an OpenAI-compatible server by URL);
+* blf's own: ``mock``, ``openai`` (an OpenAI-compatible server by URL) and ``vllm``;
 * the ``blf.backends`` entry point group: a callable taking the options as keyword
   arguments and returning a ``Backend``;
 * the public node's ``blindference.backends`` group, whose plugins have
@@ -62,7 +62,13 @@ def _openai(**options: Any) -> Backend:
     return OpenAICompatibleBackend(**options)
 
 
-BUILTIN: dict[str, Callable[..., Backend]] = {"mock": _mock, "openai": _openai}
+def _vllm(**options: Any) -> Backend:
+    from blf.inference.vllm import VllmBackend
+
+    return VllmBackend(**options)
+
+
+BUILTIN: dict[str, Callable[..., Backend]] = {"mock": _mock, "openai": _openai, "vllm": _vllm}
 
 
 def backend_for(model_id: str, specs: Mapping[str, BackendSpec]) -> Backend:

@@ -45,7 +45,13 @@ class Batcher:
 
     def generate(self, request: Generation, *, timeout_s: float) -> str:
         """The output for ``request``; InferenceError past ``timeout_s`` (the job's
-        deadline: Celery's time limits do not apply to the threads pool)."""
+        deadline: Celery's time limits do not apply to the threads pool). A backend that
+        batches by itself (``concurrent = True``, e.g. vLLM) is called directly."""
+        if getattr(self.backend, "concurrent", False):
+            outputs: list[str] = self.backend.generate(  # type: ignore[call-arg]
+                [request], timeout_s=timeout_s
+            )
+            return outputs[0]
         pending = _Pending(request, Future())
         self._queue.put(pending)
         try:
