@@ -18,6 +18,7 @@ import redis
 
 from blf import crypto
 from blf.broker import EmbeddedRedis
+from blf.capacity import live_workers
 from blf.devnet.network import LocalNetwork
 from blf.devnet.user import DevnetInfo, DevnetUser
 from blf.inference.mock import mock_output
@@ -107,18 +108,20 @@ class GpuMachine:
         self.logs: list[Path] = []
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> subprocess.Popen[bytes]:
+    def start(self, *args: str, workers: int = 1) -> subprocess.Popen[bytes]:
         log = self.root / f"gpu-{len(self.logs)}.log"
         self.logs.append(log)
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "workers.gpu"],
+            [sys.executable, "-m", "workers.gpu", *args],
             cwd=self.root,
             env=self.env,
             stdout=log.open("wb"),
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        wait_until(lambda: "ready." in log.read_text(), what="the GPU worker to be ready")
+        wait_until(
+            lambda: log.read_text().count("ready.") >= workers, what="the GPU worker to be ready"
+        )
         return self.process
 
     def kill(self) -> None:
@@ -305,3 +308,37 @@ def test_a_job_no_live_worker_can_serve_is_not_claimed_until_one_is(
         what="the job, claimed once a worker serves its model",
     )
     assert record["claims"][leader.address] == 1 and record["resultPosts"] == 1
+
+
+def test_one_gpu_worker_per_gpu_each_pinned_and_they_stop_together(
+    services: Services, shared_redis: EmbeddedRedis
+) -> None:
+    node = make_node(services.network.icl.url, models=MODEL, attest=False)
+    gpu = GpuMachine(node, services, shared_redis.urls.celery)
+    parent = gpu.start("--gpus", "2", workers=2)
+    client = redis.Redis.from_url(shared_redis.urls.redis, decode_responses=True)
+    workers = wait_until(lambda: len(w := live_workers(client, node.address, MODEL)) == 2 and w)
+    assert sorted(workers.values()) == [1, 1]  # each has its one slot free
+    pinned = sorted(
+        line.split(b"=", 1)[1]
+        for pid in _children_of(parent.pid)
+        for line in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        if line.startswith(b"CUDA_VISIBLE_DEVICES=")
+    )
+    assert pinned == [b"0", b"1"]
+    parent.send_signal(signal.SIGTERM)
+    assert parent.wait(60) == 0
+    assert live_workers(client, node.address, MODEL) == {}  # both withdrew as they stopped
+
+
+def _children_of(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found

@@ -78,6 +78,47 @@ def _publish_capacity(
     worker_shutting_down.connect(lambda **_: publisher.stop(), weak=False)
 
 
+def per_gpu(count: int, argv: list[str]) -> int:
+    """``count`` workers, each seeing one GPU (``CUDA_VISIBLE_DEVICES``): one engine per
+    GPU. They stop together: when one exits, or on SIGTERM/SIGINT, the others are asked to
+    stop, and the exit status is the first non-zero one (so a supervisor restarts all)."""
+    import signal
+    import time
+
+    from blf.children import spawn
+
+    rest = _without_gpus(argv)
+    children = []
+    for index in range(count):
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(index)}
+        children.append(spawn([sys.executable, "-m", "workers.gpu", *rest], env=env, stdin=None))
+
+    def stop(*_: Any) -> None:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    while any(child.poll() is None for child in children):
+        if any(child.returncode is not None for child in children):
+            stop()  # one is gone: the set stops, and its supervisor restarts it whole
+        time.sleep(0.5)
+    return next((child.returncode for child in children if child.returncode), 0)
+
+
+def _without_gpus(argv: list[str]) -> list[str]:
+    rest, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--gpus":
+            skip = True
+        elif not arg.startswith("--gpus="):
+            rest.append(arg)
+    return rest
+
+
 def _require(value: Any, field: str, env: str) -> None:
     if not value:
         raise ConfigError(f"GPU worker: {field} is not set (config.json, or {env})", field=field)
@@ -91,8 +132,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--models", default=None, help="comma-separated model ids to serve (default: config)"
     )
+    parser.add_argument(
+        "--gpus", type=int, default=None, help="one worker process per GPU, pinned to it"
+    )
     args = parser.parse_args(argv)
     models = [m.strip() for m in (args.models or "").split(",") if m.strip()] or None
+    if args.gpus and args.gpus > 1:
+        sys.exit(per_gpu(args.gpus, argv if argv is not None else sys.argv[1:]))
     try:
         code = start(args.concurrency, models)
     except BlfError as exc:
