@@ -2,7 +2,9 @@
 
 The worker's thread pool runs one job per thread; each hands its request to the model's
 ``Batcher`` and waits. One dispatcher thread per model takes what is queued (up to
-``max_batch``), waits ``window_s`` for stragglers, and calls the backend once for them
+``max_batch``), waits up to ``window_s`` for the jobs this worker is busy with that have
+not asked yet (a thread freed by the last batch needs a few milliseconds to fetch, download
+and decrypt its next job; a lone job waits for nobody), and calls the backend once for them
 all: a backend that batches (vLLM, transformers) then runs them together, one that does
 not (the mock, a public-node plugin) loops. The backend is only ever called from that one
 thread, so engines that are not thread-safe need no lock of their own.
@@ -13,6 +15,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
@@ -32,10 +35,18 @@ class _Pending:
 
 
 class Batcher:
-    def __init__(self, backend: Backend, *, max_batch: int, window_s: float = 0.005) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        max_batch: int,
+        window_s: float = 0.03,
+        busy: Callable[[], int] | None = None,
+    ) -> None:
         self.backend = backend
         self.max_batch = max(1, max_batch)
         self.window_s = window_s
+        self._busy = busy or (lambda: self.max_batch)
         self._queue: queue.Queue[_Pending | None] = queue.Queue()
         self._thread = threading.Thread(target=self._serve, name="blf-batcher", daemon=True)
         self._thread.start()
@@ -76,7 +87,8 @@ class Batcher:
 
     def _collect(self, first: _Pending) -> list[_Pending]:
         batch = [first]
-        while len(batch) < self.max_batch:
+        wanted = min(self.max_batch, max(1, self._busy()))
+        while len(batch) < wanted:
             try:
                 item = self._queue.get(timeout=self.window_s)
             except queue.Empty:

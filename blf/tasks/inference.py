@@ -61,7 +61,7 @@ class GpuContext:
             if model_id not in self.batchers:
                 backend = backend_for(model_id, self.settings.model_backends)
                 self.batchers[model_id] = Batcher(
-                    backend, max_batch=self.settings.inference_concurrency
+                    backend, max_batch=self.slots, busy=lambda: self.active
                 )
             return self.batchers[model_id]
 
