@@ -50,6 +50,8 @@ PUBLIC_ICL_ENDPOINT = "https://icl.blindference.xyz"
 PUBLIC_CHAIN_ID = 421614  # Arbitrum Sepolia
 PUBLIC_NODE_REGISTRY = "0x72C0Ead949Fd2C346598a30AF1A69c3c5Cb86082"
 PUBLIC_IPFS_GATEWAY = "https://node.lighthouse.storage"
+PUBLIC_STAKING = "0x222Ac74201Ed58915e42Ee5be626d939fd234D0b"  # BlindferenceStaking
+PUBLIC_BLIND_TOKEN = "0x232D5470DaaC7AD552a42d876aDEF1f778033cE0"
 
 CommaList = Annotated[list[str], NoDecode]
 COFHE_MODES = ("python",)  # served by this release; the public node's "bridge" is not yet
@@ -98,10 +100,13 @@ class Settings(BaseSettings):
     cofhe_chain_id: int = PUBLIC_CHAIN_ID
     skip_output_key_storage: bool = False
     custom_backends: Any = None
+    # Read and kept; the token blf uses is the staking contract's own blindToken().
+    blind_token_address: str = PUBLIC_BLIND_TOKEN
 
     # --- blf's own fields; absent from a public node's file, so all have defaults ---
     chain_id: int = PUBLIC_CHAIN_ID
     node_registry_address: str = PUBLIC_NODE_REGISTRY
+    staking_address: str = PUBLIC_STAKING
     max_fee_gwei: float = Field(50.0, gt=0)
     ipfs_api_url: str | None = None
     ipfs_gateway_fallbacks: CommaList = Field(default_factory=list)
@@ -115,6 +120,7 @@ class Settings(BaseSettings):
     control_key_file: str = "control.key"
     verifier_poll_max_s: float = Field(10.0, gt=0)
     sweep_interval_s: float = Field(60.0, gt=0)
+    claim_requires_worker: bool = True  # claim only jobs a live GPU worker can serve
     broker_url: str = ""
     gpus: CommaList = Field(default_factory=list)
     heartbeat_interval_s: float = Field(60.0, gt=0)

@@ -11,10 +11,14 @@
     │   ├── IclStatusError        a 4xx answer: our request was wrong, never retried
     │   │   └── NodeUnknownError  401/404 on assignments: the ICL forgot us, re-attest
     │   └── IclProtocolError      a 2xx answer that does not match the wire contract
-    ├── ChainError                anything about the NodeRegistry chain
+    ├── ChainError                anything about the chain (NodeRegistry, BLIND staking)
     │   ├── ChainIdMismatchError  the RPC serves another chain than configured
     │   ├── InsufficientFundsError
-    │   └── ContractRevertError   a call reverted; carries the decoded reason
+    │   ├── ContractRevertError   a call reverted; carries the decoded reason
+    │   ├── PendingTransactionError  an earlier, different tx of that kind may still land
+    │   └── StakingError          a staking request refused before anything is sent
+    │       ├── StakeAmountError  not a BLIND amount, too many decimals, <= 0, < MIN_STAKE
+    │       └── UnbondingError    nothing to unstake or withdraw, or not unlocked yet
     ├── CryptoError               a blob, sealed key or commitment input is malformed
     │   └── TamperedError         AES-GCM authentication failed: wrong key or altered bytes
     ├── CofheError                anything about CoFHE (threshold decryption, encryption)
@@ -22,11 +26,15 @@
     │   └── CofheRefusedError     a JSON-RPC error answer (no permit, no ACL grant): permanent
     ├── InferenceError            a model could not run
     │   └── UnknownModelError     no backend is configured for the model
-    └── IpfsError                 anything about IPFS
-        ├── IpfsTransportError    every source unreachable or timing out: transient
-        ├── CidMismatchError      bytes that do not hash to their CID: never used
-        ├── UnverifiableCidError  a CID whose format blf cannot check against the bytes
-        └── NoUploadTargetError   neither ipfs_api_url nor pinata_jwt is configured
+    ├── IpfsError                 anything about IPFS
+    │   ├── IpfsTransportError    every source unreachable or timing out: transient
+    │   ├── CidMismatchError      bytes that do not hash to their CID: never used
+    │   ├── UnverifiableCidError  a CID whose format blf cannot check against the bytes
+    │   └── NoUploadTargetError   neither ipfs_api_url nor pinata_jwt is configured
+    └── PaymentError              anything about the payment service (earnings)
+        ├── PaymentTransportError unreachable, timeout, 5xx
+        ├── PaymentStatusError    a 4xx answer
+        └── PaymentProtocolError  a 2xx answer that does not match the REST shape
 
 Errors marked transient are retried inside the job's deadline; the others fail the job
 once, with the error's line as its recorded reason.
@@ -60,7 +68,15 @@ __all__ = [
     "IpfsTransportError",
     "NoUploadTargetError",
     "NodeUnknownError",
+    "PaymentError",
+    "PaymentProtocolError",
+    "PaymentStatusError",
+    "PaymentTransportError",
+    "PendingTransactionError",
+    "StakeAmountError",
+    "StakingError",
     "TamperedError",
+    "UnbondingError",
     "UnknownModelError",
     "UnverifiableCidError",
     "WalletError",
@@ -141,6 +157,28 @@ class ContractRevertError(ChainError):
         self.reason = reason
 
 
+class PendingTransactionError(ChainError):
+    """A journalled transaction of the same kind, for other arguments, is not mined yet."""
+
+    def __init__(self, message: str, *, tx_hash: str):
+        super().__init__(message)
+        self.tx_hash = tx_hash
+
+
+class StakingError(ChainError):
+    """A staking request refused by blf's own checks: nothing was sent."""
+
+
+class StakeAmountError(StakingError):
+    pass
+
+
+class UnbondingError(StakingError):
+    def __init__(self, message: str, *, seconds_left: int = 0):
+        super().__init__(message)
+        self.seconds_left = seconds_left
+
+
 class CryptoError(BlfError):
     pass
 
@@ -191,3 +229,23 @@ class InferenceError(BlfError):
 
 class UnknownModelError(InferenceError):
     """No backend is configured for a model: its jobs fail rather than fall back."""
+
+
+class PaymentError(BlfError):
+    def __init__(self, message: str, *, url: str = ""):
+        super().__init__(message)
+        self.url = url
+
+
+class PaymentTransportError(PaymentError):
+    """Connection refused, timeout or a 5xx answer."""
+
+
+class PaymentStatusError(PaymentError):
+    def __init__(self, message: str, *, url: str, status: int):
+        super().__init__(message, url=url)
+        self.status = status
+
+
+class PaymentProtocolError(PaymentError):
+    """A 2xx answer whose body does not match the payment service's REST shape."""

@@ -27,6 +27,7 @@ import redis
 
 from blf.app import requeue_unacked
 from blf.broker import EmbeddedRedis, broker_urls
+from blf.chain import StakingClient, format_amount
 from blf.children import child_env, spawn
 from blf.errors import BlfError, BrokerError
 from blf.icl import DEFAULT_RETRY, Retry
@@ -147,6 +148,36 @@ class Supervisor:
         log.info("  CoFHE   : %s", settings.effective_cofhe_mode)
         for warning in job_warnings(settings):
             log.warning("%s", warning)
+        self._warn_if_unstaked()
+
+    def _warn_if_unstaked(self) -> None:
+        """Say at start when the network wants a stake (its staking contract's MIN_STAKE is
+        above 0) and this node has none active. Advisory: the node runs on either way."""
+        settings = self.node.settings
+        if not settings.rpc_url:
+            return
+        try:
+            client = StakingClient(
+                settings.rpc_url,
+                chain_id=settings.chain_id,
+                staking_address=settings.staking_address,
+                timeout_s=5.0,  # one slow read must not hold up the start
+            )
+            minimum = client.min_stake()
+            if minimum == 0 or client.is_active(self.node.address):
+                return
+            amount = format_amount(minimum, client.decimals())
+        except Exception as exc:  # advisory: any failure is one line here, never a crash
+            first = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+            log.warning("Could not check the BLIND stake: %s", first)
+            return
+        log.warning(
+            "No active BLIND stake: BlindferenceStaking %s requires at least %s BLIND; "
+            "stake with `blindference-node staking stake %s`",
+            client.staking_address,
+            amount,
+            amount,
+        )
 
     def _heartbeat(self, success: str, *, retry: Retry | None = None) -> None:
         try:

@@ -1,4 +1,5 @@
-"""Pytest plugin: a real local chain (anvil) and a freshly deployed NodeRegistry.
+"""Pytest plugin: a real local chain (anvil), a freshly deployed NodeRegistry, and BLIND
+with BlindferenceStaking.
 
 anvil comes from npm (`@foundry-rs/anvil`, pinned in package.json; `npm ci` installs it) and
 the registry from the real artifact in ../shared/contracts. Without either, the tests that
@@ -27,6 +28,8 @@ from eth_account.signers.local import LocalAccount
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 REGISTRY_ARTIFACT = SHARED / "contracts" / "NodeRegistry.json"
+BLIND_ARTIFACT = SHARED / "contracts" / "BLIND.json"
+STAKING_ARTIFACT = SHARED / "contracts" / "BlindferenceStaking.json"
 
 # anvil's default mnemonic, passed explicitly so the keys below do not depend on its defaults.
 DEV_MNEMONIC = "test test test test test test test test test test test junk"
@@ -227,3 +230,77 @@ def make_chain_client(anvil: AnvilNode, registry: str) -> Callable[..., Any]:
         return ChainClient(anvil.url, registry_address=registry, account=account, **options)
 
     return make
+
+
+def _artifact(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        pytest.skip(f"{path.stem} artifact not found at {path} (../shared absent)")
+    artifact: dict[str, Any] = json.loads(path.read_text())
+    return artifact
+
+
+def deploy(anvil: AnvilNode, artifact: dict[str, Any], *args: Any) -> tuple[str, int]:
+    """Deploy `artifact` from anvil's account 0; returns its address and the gas used."""
+    from web3 import Web3
+
+    w3 = Web3(Web3.HTTPProvider(anvil.url))
+    deployer = anvil.accounts[0]
+    contract = w3.eth.contract(abi=artifact["abi"], bytecode=_creation_code(artifact))
+    tx = contract.constructor(*args).build_transaction(
+        {"from": deployer.address, "nonce": w3.eth.get_transaction_count(deployer.address)}
+    )
+    tx_hash = w3.eth.send_raw_transaction(deployer.sign_transaction(tx).raw_transaction)
+    receipt = w3.eth.wait_for_transaction_receipt(tx_hash, timeout=30)
+    assert receipt["status"] == 1, f"{artifact.get('contractName')} deployment reverted"
+    return str(receipt["contractAddress"]), int(receipt["gasUsed"])
+
+
+@dataclass
+class StakingDeployment:
+    """BLIND and BlindferenceStaking, deployed for one test; account 0 owns the token."""
+
+    anvil: AnvilNode
+    token: str
+    staking: str
+    token_abi: list[dict[str, Any]] = field(repr=False)
+    deploy_gas: dict[str, int] = field(default_factory=dict)
+
+    def mint(self, to: str, amount: int) -> None:
+        """Owner-only `mint(to, amount)`, sent by account 0."""
+        from web3 import Web3
+
+        w3 = Web3(Web3.HTTPProvider(self.anvil.url))
+        owner = self.anvil.accounts[0]
+        token = w3.eth.contract(address=Web3.to_checksum_address(self.token), abi=self.token_abi)
+        tx: Any = token.functions.mint(Web3.to_checksum_address(to), amount).build_transaction(
+            {"from": owner.address, "nonce": w3.eth.get_transaction_count(owner.address)}
+        )
+        tx_hash = w3.eth.send_raw_transaction(owner.sign_transaction(tx).raw_transaction)
+        assert w3.eth.wait_for_transaction_receipt(tx_hash, timeout=30)["status"] == 1
+
+    def token_balance(self, address: str) -> int:
+        from web3 import Web3
+
+        w3 = Web3(Web3.HTTPProvider(self.anvil.url))
+        token = w3.eth.contract(address=Web3.to_checksum_address(self.token), abi=self.token_abi)
+        return int(token.functions.balanceOf(Web3.to_checksum_address(address)).call())
+
+
+@pytest.fixture
+def staking(anvil: AnvilNode, registry: str) -> StakingDeployment:
+    """BLIND (owner: account 0) and BlindferenceStaking on it, real bytecode, for this test.
+
+    Built on `registry`, whose snapshot is reverted afterwards, so nothing leaks out.
+    """
+    blind = _artifact(BLIND_ARTIFACT)
+    staking_artifact = _artifact(STAKING_ARTIFACT)
+    owner = anvil.accounts[0].address
+    token, token_gas = deploy(anvil, blind, owner)
+    contract, staking_gas = deploy(anvil, staking_artifact, token, owner)
+    return StakingDeployment(
+        anvil=anvil,
+        token=token,
+        staking=contract,
+        token_abi=blind["abi"],
+        deploy_gas={"BLIND": token_gas, "BlindferenceStaking": staking_gas},
+    )

@@ -74,13 +74,18 @@ def services() -> Iterator[Services]:
 
 
 def control_worker(
-    processes: Processes, node: NodeDir, services: Services, broker: str
+    processes: Processes,
+    node: NodeDir,
+    services: Services,
+    broker: str,
+    *,
+    requires_worker: bool = True,
 ) -> NodeProcess:
     env = {
         **services.env(),
         "BLF_BROKER_URL": broker,
         "BLF_POLL_INTERVAL_S": "0.5",
-        "BLF_CLAIM_REQUIRES_WORKER": "1",
+        "BLF_CLAIM_REQUIRES_WORKER": "1" if requires_worker else "0",
     }
     worker = processes.start(node, "worker", "--role", "control", "--beat", **env)
     worker.wait_for(r"ready\.")
@@ -264,7 +269,9 @@ def test_a_model_without_backend_or_a_leader_without_upload_target_fails_the_job
     broker = shared_redis.urls.celery
     models = f"{MODEL},unserved"
     leader, *verifiers = (make_node(services.network.icl.url, models=models) for _ in range(3))
-    control_worker(processes, leader, services, broker)
+    # The GPU worker does not offer "unserved" for claims; claim anyway, as a control
+    # machine whose GPU machines were configured differently would.
+    control_worker(processes, leader, services, broker, requires_worker=False)
     gpu = GpuMachine(leader, services, broker)
     gpu.env.update(BLF_SUPPORTED_MODEL_IDS=models)
     del gpu.env["BLF_IPFS_API_URL"]  # downloads through the gateway; nowhere to upload

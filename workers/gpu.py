@@ -44,7 +44,8 @@ def start(concurrency: int | None = None, models: list[str] | None = None) -> in
     configure_logging(settings.node_address, settings.log_level)
     warn_if_root()
     hostname = f"gpu{os.getpid()}.{settings.node_address[:10]}@{socket.gethostname()}"
-    _publish_capacity(settings.broker_url, settings.node_address, models, hostname, context)
+    servable = _servable(models, settings)
+    _publish_capacity(settings.broker_url, settings.node_address, servable, hostname, context)
     worker: Any = app.Worker(
         hostname=hostname,
         queues=[model_queue(settings.node_address, m) for m in models],
@@ -59,6 +60,23 @@ def start(concurrency: int | None = None, models: list[str] | None = None) -> in
     )
     worker.start()
     return int(worker.exitcode or 0)
+
+
+def _servable(models: list[str], settings: Any) -> list[str]:
+    """The models this worker offers to the poller: a model it has no backend for gets no
+    claims (its queue is still consumed, so a job claimed anyway fails with the reason)."""
+    import logging
+
+    from blf.inference import unservable
+
+    offered = []
+    for model in models:
+        problem = unservable(model, settings.model_backends)
+        if problem:
+            logging.getLogger("blf.inference").warning("Not offering %s: %s", model, problem)
+        else:
+            offered.append(model)
+    return offered
 
 
 def _publish_capacity(

@@ -36,7 +36,7 @@ def register(cli: click.Group) -> None:
 
 @click.group()
 def chain() -> None:
-    """NodeRegistry: registration, heartbeat, balance."""
+    """NodeRegistry: registration, heartbeat, balance (and the BLIND stake, in status)."""
 
 
 # --- helpers -----------------------------------------------------------------------------
@@ -270,7 +270,7 @@ def _status_rows(state: ChainNodeStatus, settings: Settings) -> list[tuple[str, 
 
 @chain.command()
 def status() -> None:
-    """Show the node's NodeRegistry record and balance.
+    """Show the node's NodeRegistry record, balance and BLIND stake.
 
     Reads only: no keystore password needed.
     """
@@ -280,7 +280,7 @@ def status() -> None:
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_column(style="bold")
     table.add_column()
-    for name, value in _status_rows(state, loaded.settings):
+    for name, value in _status_rows(state, loaded.settings) + _staking_rows(loaded, state):
         table.add_row(name, value)
     console = Console()
     if not console.is_terminal:
@@ -293,6 +293,19 @@ def status() -> None:
         click.echo(f"Not registered. Register with: {REGISTER_HINT}")
     elif not state.is_active:
         warn(f"the registry counts this node inactive: {_inactive_reason(state)}")
+
+
+def _staking_rows(loaded: LoadedConfig, state: ChainNodeStatus) -> list[tuple[str, str]]:
+    """BLIND staking's view of the same address; a staking read failure is one row, not an
+    error (the registry's rows above stand on their own)."""
+    from blf.cli.staking import check_token_address, stake_rows, staking_client
+
+    try:
+        staking = staking_client(loaded.settings).status(state.address)
+    except ChainError as exc:
+        return [("Staking", f"cannot read: {exc}")]
+    check_token_address(loaded.settings, staking.token_address)
+    return stake_rows(staking)
 
 
 def _inactive_reason(state: ChainNodeStatus) -> str:

@@ -224,6 +224,7 @@ def status() -> None:
         # Redis passwords and hosted-RPC keys live in these URLs: never print them.
         ("Broker", display_url(settings.broker_url) or "embedded Redis (started by `run`)"),
         ("Chain", display_url(settings.rpc_url or "") or "no rpc_url: on-chain duties off"),
+        ("Stake", _stake_line(loaded)),
         ("CoFHE", f"{settings.effective_cofhe_mode}, {_cofhe_endpoint(settings)}"),
         ("IPFS", _ipfs_line(settings)),
     ]
@@ -236,6 +237,15 @@ def status() -> None:
     if settings.unknown_fields:
         unknown = ", ".join(settings.unknown_fields)
         warn(f"ignored config fields, unknown to blf (kept in the file as they are): {unknown}")
+
+
+def _stake_line(loaded: LoadedConfig) -> str:
+    from blf.cli.staking import stake_summary
+
+    address = _node_address(loaded)
+    if not is_address(address):
+        return "not checked: no node address"
+    return stake_summary(loaded.settings, address)
 
 
 def _cofhe_endpoint(settings: Settings) -> str:

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 from blf.config import BackendSpec
 from blf.errors import InferenceError, UnknownModelError
 
-__all__ = ["BUILTIN", "Backend", "Generation", "backend_for", "describe_models"]
+__all__ = ["BUILTIN", "Backend", "Generation", "backend_for", "describe_models", "unservable"]
 
 
 @dataclass(frozen=True)
@@ -92,6 +92,23 @@ def backend_for(model_id: str, specs: Mapping[str, BackendSpec]) -> Backend:
         return factory(**spec.options)
     except TypeError as exc:
         raise InferenceError(f"model {model_id!r}: backend {spec.backend!r}: {exc}") from None
+
+
+def unservable(model_id: str, specs: Mapping[str, BackendSpec]) -> str | None:
+    """Why a model cannot be served here, judged cheaply (no engine is built): no backend
+    configured, or one that no built-in or entry point provides. None when it may be."""
+    spec = specs.get(model_id)
+    if spec is None:
+        return f"no backend configured for model {model_id!r}"
+    if spec.backend in BUILTIN:
+        return None
+    from blf.inference.plugins import plugin_factory
+
+    try:
+        known = plugin_factory(spec.backend) is not None
+    except InferenceError as exc:
+        return str(exc)
+    return None if known else f"model {model_id!r}: unknown backend {spec.backend!r}"
 
 
 def describe_models(
