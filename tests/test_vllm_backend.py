@@ -42,7 +42,7 @@ class FakeEngine:
         if self.in_flight >= self.together:
             self._all_in.set()
         if prompt == "never":
-            await asyncio.Event().wait()
+            await asyncio.sleep(3600)  # until cancelled
         await asyncio.wait_for(self._all_in.wait(), 10)
         yield SimpleNamespace(outputs=[SimpleNamespace(text=prompt[:1])])
         self.in_flight -= 1

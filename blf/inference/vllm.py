@@ -91,9 +91,13 @@ class VllmBackend:
     def _one(self, request: Generation, timeout_s: float | None) -> str:
         request_id = uuid.uuid4().hex
         params = self._sampling(temperature=0, seed=request.seed, max_tokens=request.max_tokens)
+        future = asyncio.run_coroutine_threadsafe(
+            self._final_text(request.prompt, params, request_id), self._loop
+        )
         try:
-            return str(self._call(self._final_text(request.prompt, params, request_id), timeout_s))
+            return str(future.result(timeout=None if timeout_s is None else max(timeout_s, 0.0)))
         except FutureTimeout:
+            future.cancel()  # stops our side of the stream; the engine is told to drop it
             self._call(self._abort(request_id), timeout_s=10)
             raise InferenceError("deadline passed during inference") from None
 
