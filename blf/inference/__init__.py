@@ -7,7 +7,8 @@ something else (the public node falls back to its mock).
 
 Backends come from three places, looked up in this order:
 
-* blf's own: ``mock``, ``openai`` (an OpenAI-compatible server by URL) and ``vllm``;
+* blf's own: ``mock``, ``openai`` (an OpenAI-compatible server by URL), ``vllm`` and
+  ``llama_cpp``;
 * the ``blf.backends`` entry point group: a callable taking the options as keyword
   arguments and returning a ``Backend``;
 * the public node's ``blindference.backends`` group, whose plugins have
@@ -68,7 +69,18 @@ def _vllm(**options: Any) -> Backend:
     return VllmBackend(**options)
 
 
-BUILTIN: dict[str, Callable[..., Backend]] = {"mock": _mock, "openai": _openai, "vllm": _vllm}
+def _llama_cpp(**options: Any) -> Backend:
+    from blf.inference.llama_cpp import LlamaCppBackend
+
+    return LlamaCppBackend(**options)
+
+
+BUILTIN: dict[str, Callable[..., Backend]] = {
+    "mock": _mock,
+    "openai": _openai,
+    "vllm": _vllm,
+    "llama_cpp": _llama_cpp,
+}
 
 
 def backend_for(model_id: str, specs: Mapping[str, BackendSpec]) -> Backend:

@@ -33,11 +33,15 @@ class OpenAICompatibleBackend:
         api_key_env: str | None = None,
         timeout_s: float = 300.0,
         max_parallel: int = 16,
+        extra: dict[str, Any] | None = None,
     ) -> None:
         self.url = url.rstrip("/")
         self.model = model
         self.chat = bool(chat)
         self.timeout_s = float(timeout_s)
+        # Server-specific sampling fields (llama.cpp's repeat_penalty, vLLM's
+        # repetition_penalty…): every node of a quorum must send the same.
+        self.extra = dict(extra or {})
         # The key stays in the environment: config.json is no place for it.
         key = os.environ.get(api_key_env, "") if api_key_env else ""
         self._headers = {"Authorization": f"Bearer {key}"} if key else {}
@@ -54,6 +58,7 @@ class OpenAICompatibleBackend:
     def _one(self, request: Generation) -> str:
         model = self.model or request.model_id
         body: dict[str, Any] = {
+            **self.extra,
             "model": model,
             "max_tokens": request.max_tokens,
             "temperature": 0,
