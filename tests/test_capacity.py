@@ -10,6 +10,8 @@ import redis
 
 from blf.broker import EmbeddedRedis
 from blf.capacity import CapacityPublisher, live_workers
+from blf.devnet.icl import DevnetIcl
+from tests.nodes import make_node
 
 ADDRESS = "0x000000000000000000000000000000000000dEaD"
 
@@ -41,3 +43,20 @@ def test_a_worker_that_went_silent_is_not_live(client: redis.Redis) -> None:
     client.hset(f"blf:{ADDRESS.lower()}:slots:a", "gone@host", 4)
     CapacityPublisher(client, ADDRESS, ["a"], "here@host", lambda: 2).publish()
     assert live_workers(client, ADDRESS, "a") == {"here@host": 2}
+
+
+def test_status_shows_workers_per_model_and_warns_about_a_model_with_none(
+    client: redis.Redis, shared_redis: EmbeddedRedis, devnet: DevnetIcl
+) -> None:
+    node = make_node(devnet.url, models="served,orphan", attest=False)
+    CapacityPublisher(client, node.address, ["served"], "gpu1@host", lambda: 2).publish()
+    result = node.invoke("status", env={"BLF_BROKER_URL": shared_redis.urls.celery})
+    assert result.exit_code == 0, result.output
+    workers = [line for line in result.stdout.splitlines() if line.startswith("Workers")]
+    assert workers == [
+        "Workers  served: 1 live, 2 free slot(s)",
+        "Workers  orphan: 0 live, 0 free slot(s)",
+    ]
+    assert "no live worker serves orphan: its jobs are not claimed" in result.stderr
+    stopped = node.invoke("status")  # no broker_url, no `run`: nothing to read
+    assert "Workers  not checked: the node is not running" in stopped.stdout

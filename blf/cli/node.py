@@ -228,15 +228,55 @@ def status() -> None:
         ("CoFHE", f"{settings.effective_cofhe_mode}, {_cofhe_endpoint(settings)}"),
         ("IPFS", _ipfs_line(settings)),
     ]
+    workers, idle = _worker_rows(loaded)
+    rows += workers
     # Plain aligned lines, not a rich table: a table folds long URLs and paths at 80 columns
     # when stdout is not a terminal, which breaks copy-paste and grep.
     for name, value in rows:
         click.echo(f"{name:<8} {value}")
+    for model in idle:
+        warn(f"no live worker serves {model}: its jobs are not claimed")
     if expiry_warning:
         warn(f"{expiry_warning}: run `blindference-node attest --mock`")
     if settings.unknown_fields:
         unknown = ", ".join(settings.unknown_fields)
         warn(f"ignored config fields, unknown to blf (kept in the file as they are): {unknown}")
+
+
+def _worker_rows(loaded: LoadedConfig) -> tuple[list[tuple[str, str]], list[str]]:
+    """A row per model: its live GPU workers and free slots, read from the node's Redis
+    (a running `run`'s, or broker_url); and the models no worker serves."""
+    import redis
+
+    from blf.broker import node_broker
+    from blf.capacity import live_workers
+
+    settings = loaded.settings
+    address = _node_address(loaded)
+    if not settings.supported_model_ids or not is_address(address):
+        return [], []
+    try:
+        urls = node_broker(settings.broker_url, loaded.directory)
+    except BlfError:
+        return [("Workers", "not checked: the node is not running (no Redis)")], []
+    client = redis.Redis.from_url(urls.redis, socket_timeout=3, socket_connect_timeout=3)
+    rows, idle = [], []
+    try:
+        for model in settings.supported_model_ids:
+            workers = live_workers(client, address, model)
+            if not workers:
+                idle.append(model)
+            rows.append(
+                (
+                    "Workers",
+                    f"{model}: {len(workers)} live, {sum(workers.values())} free slot(s)",
+                )
+            )
+    except (redis.RedisError, OSError) as exc:
+        return [("Workers", f"not checked: Redis did not answer ({type(exc).__name__})")], []
+    finally:
+        client.close()
+    return rows, idle
 
 
 def _stake_line(loaded: LoadedConfig) -> str:
