@@ -121,6 +121,7 @@ class Settings(BaseSettings):
     verifier_poll_max_s: float = Field(10.0, gt=0)
     sweep_interval_s: float = Field(60.0, gt=0)
     claim_requires_worker: bool = True  # claim only jobs a live GPU worker can serve
+    gpu_memory_limit_mib: int | None = Field(None, gt=0)  # past it, a GPU worker restarts
     broker_url: str = ""
     gpus: CommaList = Field(default_factory=list)
     heartbeat_interval_s: float = Field(60.0, gt=0)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 
-__all__ = ["detect_gpus"]
+__all__ = ["detect_gpus", "memory_used_mib"]
 
 
 def detect_gpus() -> list[str]:
@@ -55,3 +56,26 @@ def _from_nvidia_smi() -> list[str]:
         if name.strip():
             gpus.append(f"{name.strip()} ({memory.strip()} MiB)")
     return gpus
+
+
+def memory_used_mib(index: int = 0) -> int | None:
+    """Memory in use on the ``index``-th visible GPU (after CUDA_VISIBLE_DEVICES), from
+    NVML; None when NVML or the GPU is not there. A leaking engine shows here, not in
+    the host's memory that Celery's per-child limits measure."""
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+    except Exception:  # no driver
+        return None
+    try:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+        physical = int(visible.split(",")[index]) if visible.strip() else index
+        handle = pynvml.nvmlDeviceGetHandleByIndex(physical)
+        return int(pynvml.nvmlDeviceGetMemoryInfo(handle).used) // (1024 * 1024)
+    except Exception:
+        return None
+    finally:
+        pynvml.nvmlShutdown()

@@ -20,7 +20,9 @@ from typing import Any
 
 from blf.errors import BlfError, ConfigError
 
-__all__ = ["main", "start"]
+__all__ = ["LEAK_EXIT", "main", "start"]
+
+LEAK_EXIT = 3  # stopped past gpu_memory_limit_mib
 
 
 def start(concurrency: int | None = None, models: list[str] | None = None) -> int:
@@ -59,6 +61,8 @@ def start(concurrency: int | None = None, models: list[str] | None = None) -> in
         quiet=True,
     )
     worker.start()
+    if context.leaked:
+        return LEAK_EXIT  # non-zero: systemd's Restart=on-failure and `run` restart it
     return int(worker.exitcode or 0)
 
 

@@ -11,6 +11,8 @@ never touch the operator key: no wallet, chain, CoFHE or ICL (a test checks).
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -23,6 +25,7 @@ from blf import crypto, keyfiles
 from blf.app import app, visibility_timeout
 from blf.config import LoadedConfig, Settings, build_settings, load_config, resolve_config_path
 from blf.errors import BlfError, CryptoError, InferenceError, IpfsTransportError
+from blf.gpu import memory_used_mib
 from blf.inference import Generation, backend_for
 from blf.inference.batcher import Batcher
 from blf.ipfs import IpfsClient
@@ -46,6 +49,7 @@ class GpuContext:
     lock: threading.Lock = field(default_factory=threading.Lock)
     slots: int = 1
     active: int = 0
+    leaked: bool = False  # set once past gpu_memory_limit_mib: the worker is stopping
 
     def free_slots(self) -> int:
         return self.slots - self.active
@@ -102,6 +106,25 @@ def run_inference(self: Task, model_id: str, order: dict[str, Any]) -> str:
         return _serve(self, job)
     finally:
         ctx.busy(-1)
+        _check_memory(ctx)
+
+
+def _check_memory(ctx: GpuContext) -> None:
+    """Past the limit, stop taking jobs and exit (warm: running jobs finish), so that the
+    worker's supervisor starts a fresh one. Celery's own memory limits are prefork-only
+    and measure host memory, not the GPU's."""
+    limit = ctx.settings.gpu_memory_limit_mib
+    used = memory_used_mib() if limit else None
+    if limit is None or used is None or used <= limit or ctx.leaked:
+        return
+    ctx.leaked = True
+    log.warning(
+        "GPU memory at %d MiB, past gpu_memory_limit_mib=%d: stopping this worker so that "
+        "its supervisor restarts it",
+        used,
+        limit,
+    )
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _serve(self: Task, job: InferenceOrder) -> str:
