@@ -2,6 +2,8 @@
 
     .venv/bin/python bench/pipeline.py [--jobs 10] [--poll 1.0]
     .venv/bin/python bench/pipeline.py --slots 1,2,4 [--burst 12] [--latency 0.2]
+    .venv/bin/python bench/pipeline.py --real GGUF [--jobs 4]
+    .venv/bin/python bench/pipeline.py --quick        # the burst table for 1 and 2 slots
 
 The first form sends jobs one after another and prints the p50 (and max) of each stage
 from the nodes' journals, the time from the poll that saw a job to its submission (per
@@ -11,6 +13,10 @@ The second sends ``burst`` jobs at once to networks whose GPU workers have 1, 2,
 with the mock taking ``latency`` seconds per call whatever the batch size (one batched
 forward pass), and prints jobs/s and the p50/p95 of inference and total per slot count:
 the pipeline's batching, apart from any model's speed.
+
+The third runs a real model (llama.cpp, a GGUF file) on the same prompts twice: called
+directly, and as jobs through the pipeline (each job runs on three nodes: the leader and
+two verifiers, here on one machine), and prints both rates and their ratio.
 
 Nothing here is asserted: these are numbers to compare before and after.
 """
@@ -38,7 +44,14 @@ def main() -> None:
     parser.add_argument("--slots", default="", help="e.g. 1,2,4: the burst benchmark")
     parser.add_argument("--burst", type=int, default=12)
     parser.add_argument("--latency", type=float, default=0.2)
+    parser.add_argument("--real", default="", help="a GGUF file: pipeline vs direct")
+    parser.add_argument("--quick", action="store_true", help="a burst table in under 2 min")
     args = parser.parse_args()
+    if args.quick:
+        args.slots, args.burst, args.latency = "1,2", 12, 0.2
+    if args.real:
+        real(Path(args.real), args.jobs, args.poll)
+        return
     if args.slots:
         print(f"{args.burst} jobs at once, mock at {args.latency}s per batch, poll {args.poll}s")
         print("slots  jobs/s  inference p50/p95 (ms)  total p50/p95 (ms)")
@@ -134,6 +147,44 @@ def burst(slots: int, jobs: int, latency: float, poll: float) -> None:
         f"{slots:>5}  {jobs / elapsed:6.2f}  {_pct(inference, 50):>8} / {_pct(inference, 95):<8}"
         f"       {_pct(total, 50):>7} / {_pct(total, 95)}"
     )
+
+
+def real(gguf: Path, jobs: int, poll: float) -> None:
+    from blf.config import BackendSpec
+    from blf.inference import Generation, backend_for
+
+    spec = {"backend": "llama_cpp", "model_path": str(gguf), "max_tokens": 32}
+    prompts = [f"Question {i}: what is {i} plus {i}? Answer:" for i in range(jobs)]
+    backend = backend_for("real", {"real": BackendSpec(**spec)})  # type: ignore[arg-type]
+    backend.generate([Generation("real", "warm up")])
+    started = time.monotonic()
+    for prompt in prompts:
+        backend.generate([Generation("real", prompt)])
+    direct_rate = jobs / (time.monotonic() - started)
+    del backend
+    root = Path(tempfile.mkdtemp(prefix="blf-bench-", dir="/tmp"))
+    network = LocalNetwork(
+        root,
+        model="real",
+        env={"BLF_POLL_INTERVAL_S": str(poll), "BLF_MODEL_BACKENDS": json.dumps({"real": spec})},
+        output=lambda node: (root / f"{node.directory.name}.log").open("wb"),
+    )
+    network.start()
+    try:
+        network.wait_ready()
+        user = DevnetUser(DevnetInfo.read(network.info_path))
+        user.wait(user.submit("warm up", "real"), 600)  # each node loads the model once
+        started = time.monotonic()
+        for prompt in prompts:
+            record = user.wait(user.submit(prompt, "real"), 600)
+            assert record["status"] == "ACCEPTED", record
+        pipeline_rate = jobs / (time.monotonic() - started)
+    finally:
+        network.stop()
+    print(f"real model {gguf.name}, {jobs} prompts, 32 tokens max, poll {poll}s")
+    print(f"  direct   {direct_rate:6.2f} prompts/s")
+    print(f"  pipeline {pipeline_rate:6.2f} jobs/s (three nodes compute each job)")
+    print(f"  ratio    {pipeline_rate / direct_rate:6.2f}")
 
 
 def _pct(values: list[float], percent: int) -> str:

@@ -89,7 +89,9 @@ def test_the_mock_is_the_public_nodes_mock_and_only_where_configured() -> None:
     )
     with pytest.raises(UnknownModelError, match="no backend configured for model 'other'"):
         backend_for("other", {"m": spec("mock")})
-    with pytest.raises(UnknownModelError, match=r"unknown backend 'nope' \(built in: mock"):
+    with pytest.raises(
+        UnknownModelError, match=r"unknown backend 'nope' \(built in: llama_cpp, mock"
+    ):
         backend_for("m", {"m": spec("nope")})
     with pytest.raises(InferenceError, match="unexpected keyword"):
         backend_for("m", {"m": spec("mock", colour="red")})

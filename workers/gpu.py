@@ -115,9 +115,13 @@ def per_gpu(count: int, argv: list[str]) -> int:
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(index)}
         children.append(spawn([sys.executable, "-m", "workers.gpu", *rest], env=env, stdin=None))
 
+    asked: set[int] = set()
+
     def stop(*_: Any) -> None:
+        # Once each: a second SIGTERM makes Celery give up its running jobs (cold shutdown).
         for child in children:
-            if child.poll() is None:
+            if child.poll() is None and child.pid not in asked:
+                asked.add(child.pid)
                 child.send_signal(signal.SIGTERM)
 
     signal.signal(signal.SIGTERM, stop)
@@ -126,7 +130,8 @@ def per_gpu(count: int, argv: list[str]) -> int:
         if any(child.returncode is not None for child in children):
             stop()  # one is gone: the set stops, and its supervisor restarts it whole
         time.sleep(0.5)
-    return next((child.returncode for child in children if child.returncode), 0)
+    code = next((child.returncode for child in children if child.returncode), 0)
+    return 128 - code if code < 0 else code  # killed by a signal: the shell's convention
 
 
 def _without_gpus(argv: list[str]) -> list[str]:
