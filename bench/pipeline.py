@@ -54,7 +54,6 @@ def main() -> None:
         return
     if args.slots:
         print(f"{args.burst} jobs at once, mock at {args.latency}s per batch, poll {args.poll}s")
-        print("slots  jobs/s  inference p50/p95 (ms)  total p50/p95 (ms)")
         for slots in (int(n) for n in args.slots.split(",")):
             burst(slots, args.burst, args.latency, args.poll)
         return
@@ -131,7 +130,7 @@ def burst(slots: int, jobs: int, latency: float, poll: float) -> None:
         for job_id in ids:
             user.wait(job_id, 300)
         elapsed = time.monotonic() - started
-        inference, total = [], []
+        stages: dict[str, list[float]] = {}
         for node in network.members:
             client = redis.Redis(
                 unix_socket_path=str(node.directory / "redis.sock"), decode_responses=True
@@ -139,13 +138,17 @@ def burst(slots: int, jobs: int, latency: float, poll: float) -> None:
             for job_id in ids:
                 record = Journal(client, node.address).get(job_id)
                 if record.get("state") == "submitted":
-                    inference.append(float(record["inference_s"]))
-                    total.append(float(record["total_s"]))
+                    for stage in STAGES:
+                        if stage in record:
+                            stages.setdefault(stage, []).append(float(record[stage]))
     finally:
         network.stop()
+    print(f"{slots} slot(s): {jobs / elapsed:.2f} jobs/s; per stage p50 / p95 (ms):")
     print(
-        f"{slots:>5}  {jobs / elapsed:6.2f}  {_pct(inference, 50):>8} / {_pct(inference, 95):<8}"
-        f"       {_pct(total, 50):>7} / {_pct(total, 95)}"
+        "   "
+        + "  ".join(
+            f"{s.removesuffix('_s')} {_pct(v, 50)}/{_pct(v, 95)}" for s, v in stages.items()
+        )
     )
 
 

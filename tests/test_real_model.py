@@ -131,3 +131,48 @@ def test_the_openai_backend_against_llama_cpps_own_server(gguf: Path, llama_serv
     first, second = backend.generate(requests_)
     assert first and first == second
     assert first == direct(gguf, PROMPT)  # the same engine, greedy, by URL or in process
+
+
+# --- transformers, on a tiny model built here with seeded random weights ----------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer GPT-2 with seeded random weights and a byte-level BPE tokenizer trained on
+    a few sentences: nothing to download, the same bytes on every run."""
+    import torch
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    root = tmp_path_factory.mktemp("tiny-gpt2")
+    bpe = ByteLevelBPETokenizer()
+    corpus = ["The capital of France is Paris.", "Two plus two is four.", "Hello, world!"] * 20
+    bpe.train_from_iterator(corpus, vocab_size=300, special_tokens=["<|endoftext|>"])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
+    tokenizer.save_pretrained(root)
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=128,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.eos_token_id,
+    )
+    GPT2LMHeadModel(config).save_pretrained(root)
+    return root
+
+
+def test_transformers_batches_greedily_with_left_padding(tiny_model: Path) -> None:
+    backend = backend_for(
+        "tiny",
+        {"tiny": BackendSpec(backend="transformers", model_path=str(tiny_model), max_tokens=8)},
+    )
+    prompts = ["The capital of France is", "Two plus", "Hello, world! Hello"]
+    batch = backend.generate([Generation("tiny", p) for p in prompts])
+    again = backend.generate([Generation("tiny", p) for p in prompts])
+    alone = [backend.generate([Generation("tiny", p)])[0] for p in prompts]
+    assert batch == again  # deterministic
+    assert batch == alone  # left padding: a prompt's output does not depend on its batch
+    assert all(batch) and "transformers" in backend.describe()

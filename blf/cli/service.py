@@ -72,15 +72,21 @@ def run() -> None:
 @click.option(
     "--models", default=None, help="inference: comma-separated models to serve (default: config)."
 )
+@click.option("--gpus", type=int, default=None, help="inference: one worker per GPU, pinned to it.")
 @click.option(
     "--password-stdin", is_flag=True, help="Read the keystore password from the first stdin line."
 )
 def worker(
-    role: str, with_beat: bool, concurrency: int | None, models: str | None, password_stdin: bool
+    role: str,
+    with_beat: bool,
+    concurrency: int | None,
+    models: str | None,
+    gpus: int | None,
+    password_stdin: bool,
 ) -> None:
     """Run one Celery worker of this node against its broker_url."""
     if role == "inference":
-        _exec_gpu_worker(concurrency, models)
+        _exec_gpu_worker(concurrency, models, gpus)
     from blf import runtime
     from blf.app import app, configure, control_queue, settings_with_address
     from blf.node import open_node
@@ -112,7 +118,7 @@ def worker(
     sys.exit(instance.exitcode or 0)
 
 
-def _exec_gpu_worker(concurrency: int | None, models: str | None) -> None:
+def _exec_gpu_worker(concurrency: int | None, models: str | None, gpus: int | None) -> None:
     """The inference role is the key-free GPU entry point (``python -m workers.gpu``): this
     process has imported the CLI, and with it the operator-side modules, so it is replaced."""
     command = [sys.executable, "-m", "workers.gpu"]
@@ -120,6 +126,8 @@ def _exec_gpu_worker(concurrency: int | None, models: str | None) -> None:
         command += ["--concurrency", str(concurrency)]
     if models:
         command += ["--models", models]
+    if gpus:
+        command += ["--gpus", str(gpus)]
     os.execv(sys.executable, command)
 
 

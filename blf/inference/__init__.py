@@ -7,8 +7,8 @@ something else (the public node falls back to its mock).
 
 Backends come from three places, looked up in this order:
 
-* blf's own: ``mock``, ``openai`` (an OpenAI-compatible server by URL), ``vllm`` and
-  ``llama_cpp``;
+* blf's own: ``mock``, ``openai`` (an OpenAI-compatible server by URL), ``vllm``,
+  ``llama_cpp`` and ``transformers``;
 * the ``blf.backends`` entry point group: a callable taking the options as keyword
   arguments and returning a ``Backend``;
 * the public node's ``blindference.backends`` group, whose plugins have
@@ -75,11 +75,18 @@ def _llama_cpp(**options: Any) -> Backend:
     return LlamaCppBackend(**options)
 
 
+def _transformers(**options: Any) -> Backend:
+    from blf.inference.transformers_backend import TransformersBackend
+
+    return TransformersBackend(**options)
+
+
 BUILTIN: dict[str, Callable[..., Backend]] = {
     "mock": _mock,
     "openai": _openai,
     "vllm": _vllm,
     "llama_cpp": _llama_cpp,
+    "transformers": _transformers,
 }
 
 
