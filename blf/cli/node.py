@@ -207,7 +207,8 @@ def _node_address(loaded: LoadedConfig) -> str:
 
 @click.command()
 def status() -> None:
-    """Show the node's identity, certificate and whether its ICL answers."""
+    """Show the node's identity and certificate, its ICL, chain and stake, CoFHE, IPFS,
+    and the live GPU workers per model."""
     loaded = load_with_warnings()
     settings = loaded.settings
     expiry_text, expiry_warning = describe_expiry(settings.attestation_expiry)
