@@ -147,7 +147,9 @@ def burst(slots: int, jobs: int, latency: float, poll: float) -> None:
     print(
         "   "
         + "  ".join(
-            f"{s.removesuffix('_s')} {_pct(v, 50)}/{_pct(v, 95)}" for s, v in stages.items()
+            f"{s.removesuffix('_s')} {_pct(stages[s], 50)}/{_pct(stages[s], 95)}"
+            for s in STAGES
+            if s in stages
         )
     )
 
@@ -156,7 +158,9 @@ def real(gguf: Path, jobs: int, poll: float) -> None:
     from blf.config import BackendSpec
     from blf.inference import Generation, backend_for
 
-    spec = {"backend": "llama_cpp", "model_path": str(gguf), "max_tokens": 32}
+    # One thread each: three nodes share this machine, and llama.cpp threads spin-wait, so
+    # oversubscribed cores cost far more than their share.
+    spec = {"backend": "llama_cpp", "model_path": str(gguf), "max_tokens": 32, "n_threads": 1}
     prompts = [f"Question {i}: what is {i} plus {i}? Answer:" for i in range(jobs)]
     backend = backend_for("real", {"real": BackendSpec(**spec)})  # type: ignore[arg-type]
     backend.generate([Generation("real", "warm up")])
