@@ -110,10 +110,14 @@ class EmbeddedRedis:
                 "`blindference-node run` using this node directory?"
             )
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             self.socket.unlink(missing_ok=True)  # left behind by a crash
-            # Its own session: a Ctrl+C meant for the node must not stop Redis first.
-            self._process = spawn(self._command(), env=_REDIS_ENV, stdout=subprocess.DEVNULL)
+            self._make_private()
+            # Its own session: a Ctrl+C meant for the node must not stop Redis first. Its
+            # files (the queues, the journal) are the operator's alone: umask 077.
+            self._process = spawn(
+                self._command(), env=_REDIS_ENV, stdout=subprocess.DEVNULL, umask=0o077
+            )
         except OSError as exc:
             raise BrokerError(
                 f"cannot start the embedded Redis in {self.directory}: {exc}"
@@ -121,6 +125,13 @@ class EmbeddedRedis:
         self._wait_ready()
         log.info("Embedded Redis on %s", self.socket)
         return self.urls
+
+    def _make_private(self) -> None:
+        """Files an older release left readable by every local user: 0600 from now on."""
+        for name in ("redis.aof", "redis.rdb", "redis.log"):
+            path = self.directory / name
+            if path.exists():
+                path.chmod(0o600)
 
     def _command(self) -> list[str]:
         return [

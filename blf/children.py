@@ -40,6 +40,7 @@ def spawn(
     env: Mapping[str, str],
     stdin: int | None = subprocess.DEVNULL,
     stdout: int | None = None,
+    umask: int = -1,
 ) -> subprocess.Popen[bytes]:
     """Start ``command`` in its own session (a terminal's Ctrl+C reaches only the parent,
     which stops children in order) that ends when this process ends."""
@@ -51,4 +52,5 @@ def spawn(
         stderr=None if stdout is None else subprocess.STDOUT,
         start_new_session=True,
         preexec_fn=_die_with_parent,
+        umask=umask,
     )

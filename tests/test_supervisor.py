@@ -13,6 +13,7 @@ from tests.nodes import (
     devnet_job,
     make_node,
     node_pids,
+    short_tempdir,
     wait_until,
 )
 
@@ -22,9 +23,14 @@ FAST = {"BLF_HEARTBEAT_INTERVAL_S": "1", "BLF_POLL_INTERVAL_S": "0.5"}
 def test_a_second_run_on_the_same_directory_is_refused(
     devnet: DevnetIcl, processes: Processes
 ) -> None:
-    node = make_node(devnet.url)
+    node = make_node(devnet.url, root=short_tempdir() / "node")  # init makes the directory
+    assert node.root.stat().st_mode & 0o777 == 0o700  # the keystore's: nobody else's
     first = processes.start(node, "run")
     first.wait_for("Daemon starting")
+    # The embedded Redis's files hold the queues and the journal: the operator's alone.
+    for name in ("redis.aof", "redis.log"):
+        wait_until(lambda n=name: (node.root / n).exists(), what=name)
+        assert (node.root / name).stat().st_mode & 0o777 == 0o600, name
     second = processes.start(node, "run")
     assert second.wait() == 1
     assert f"Error: another `blindference-node run` is using {node.root}" in second.output()

@@ -130,6 +130,7 @@ def init(models: tuple[str, ...], icl_endpoint: str | None, force: bool) -> None
     config["node_address"] = address
     write_new_config(path, config)
     _new_key_files(path.parent)
+    path.parent.chmod(0o700)  # the keystore's directory: nobody else's business
     click.echo(f"Node initialised in {path.parent}")
     click.echo(f"  Address : {address}")
     click.echo(f"  Models  : {', '.join(config['supported_model_ids']) or '(none)'}")  # type: ignore[arg-type]
