@@ -114,7 +114,7 @@ class ControlTask(Task):
 
     A task that sets ``continuation_step`` also accepts an unsigned message carrying a
     ``continuation`` kwarg; it must redeem it itself (``redeem_continuation``) before
-    acting, and finds ``self.request.blf_signed`` False in that case.
+    acting, signed or not (the job's record comes with the redemption).
     """
 
     continuation_step: str | None = None
@@ -125,9 +125,8 @@ class ControlTask(Task):
         extra = _follow_ups(self)
         if extra:
             self._refuse(f"it carries {', '.join(extra)}, which the control queue never runs")
-        signed = _signed(self, args, kwargs)
-        self.request.blf_signed = signed
-        if not signed and not (self.continuation_step and "continuation" in kwargs):
+        continued = bool(self.continuation_step) and "continuation" in kwargs
+        if not continued and not _signed(self, args, kwargs):
             why = "no control key loaded" if _control_key is None else "missing or bad signature"
             self._refuse(f"not from the control machine ({why})")
         return super().__call__(*args, **kwargs)
