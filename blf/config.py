@@ -39,6 +39,7 @@ __all__ = [
     "LoadedConfig",
     "Settings",
     "load_config",
+    "load_settings_or_environment",
     "resolve_config_path",
     "update_config_file",
     "write_new_config",
@@ -300,6 +301,16 @@ def load_config(path: Path | None = None) -> LoadedConfig:
     raw = read_raw(path)
     settings = build_settings(raw, path=path)
     return LoadedConfig(path=path, settings=settings, raw=raw, warnings=warnings)
+
+
+def load_settings_or_environment() -> tuple[Settings, Path | None]:
+    """config.json when there is one, else BLF_* alone (a GPU machine configured by its
+    environment); with the config's directory, None without a file."""
+    path, _ = resolve_config_path()
+    if path.exists():
+        loaded = load_config(path)
+        return loaded.settings, loaded.directory
+    return build_settings({}, path=path), None
 
 
 def _atomic_write_json(path: Path, data: Mapping[str, Any], *, mode: int = 0o600) -> None:

@@ -21,10 +21,9 @@ def register(cli: click.Group) -> None:
 
 def _settings() -> Settings:
     """config.json when there is one, else BLF_* alone (a GPU machine set by environment)."""
-    from blf.config import build_settings, load_config, resolve_config_path
+    from blf.config import load_settings_or_environment
 
-    path, _ = resolve_config_path()
-    return load_config(path).settings if path.exists() else build_settings({}, path=path)
+    return load_settings_or_environment()[0]
 
 
 def _generate(settings: Settings, model: str, prompt: str) -> tuple[str, float, str]:

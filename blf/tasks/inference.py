@@ -23,7 +23,7 @@ from celery.exceptions import Reject
 
 from blf import crypto, keyfiles
 from blf.app import app, visibility_timeout
-from blf.config import LoadedConfig, Settings, build_settings, load_config, resolve_config_path
+from blf.config import Settings, load_settings_or_environment
 from blf.errors import BlfError, CryptoError, InferenceError, IpfsTransportError
 from blf.gpu import memory_used_mib
 from blf.inference import Generation, backend_for
@@ -81,10 +81,8 @@ def install(context: GpuContext) -> None:
 def load_context() -> GpuContext:
     """From config.json when there is one (``run``, a GPU machine with a file), else from
     BLF_* variables alone (a GPU machine configured by its environment)."""
-    path, _ = resolve_config_path()
-    loaded: LoadedConfig | None = load_config(path) if path.exists() else None
-    settings = loaded.settings if loaded else build_settings({}, path=path)
-    key = keyfiles.cluster_key(settings, loaded.directory if loaded else None)
+    settings, directory = load_settings_or_environment()
+    key = keyfiles.cluster_key(settings, directory)
     return GpuContext(settings=settings, cluster_key=key, ipfs=IpfsClient.from_settings(settings))
 
 

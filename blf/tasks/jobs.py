@@ -34,7 +34,6 @@ from blf.names import model_queue, node_key
 from blf.payloads import InferenceOrder, JobTicket
 from blf.tasks import short, shown
 from blf.tasks.steps import (
-    RECORD_GRACE_S,
     backoff,
     fail,
     job_task,
@@ -45,7 +44,7 @@ from blf.tasks.steps import (
     ttl,
 )
 
-__all__ = ["RECORD_GRACE_S", "start_job", "unlock_key"]
+__all__ = ["start_job", "unlock_key"]
 
 log = logging.getLogger("blf.jobs")
 

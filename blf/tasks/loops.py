@@ -26,7 +26,8 @@ from blf.icl import NO_RETRY, Assignment
 from blf.journal import FINAL_STATES
 from blf.payloads import JobTicket
 from blf.tasks import short, shown
-from blf.tasks.jobs import RECORD_GRACE_S, start_job
+from blf.tasks.jobs import start_job
+from blf.tasks.steps import ttl
 
 __all__ = [
     "attestation_watchdog",
@@ -155,8 +156,7 @@ def _enqueue(assignment: Assignment) -> None:
         runtime.redis_client().delete(key)  # the next poll tries again
         log.warning("Job %s: not queued (%s); the next poll retries", short(ticket.job_id), exc)
         return
-    ttl = max(ticket.deadline - int(time.time()), 0) + RECORD_GRACE_S
-    runtime.redis_client().set(key, ticket.role, ex=ttl)
+    runtime.redis_client().set(key, ticket.role, ex=ttl(ticket))
 
 
 @periodic
