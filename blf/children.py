@@ -40,6 +40,7 @@ def spawn(
     env: Mapping[str, str],
     stdin: int | None = subprocess.DEVNULL,
     stdout: int | None = None,
+    stderr: int | None = None,
     umask: int = -1,
 ) -> subprocess.Popen[bytes]:
     """Start ``command`` in its own session (a terminal's Ctrl+C reaches only the parent,
@@ -49,7 +50,8 @@ def spawn(
         env=dict(env),
         stdin=stdin,
         stdout=stdout,
-        stderr=None if stdout is None else subprocess.STDOUT,
+        # Unless asked otherwise, a captured stdout takes stderr with it.
+        stderr=stderr if stderr is not None or stdout is None else subprocess.STDOUT,
         start_new_session=True,
         preexec_fn=_die_with_parent,
         umask=umask,

@@ -22,6 +22,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import requests
@@ -99,7 +100,7 @@ class EncryptedValue(BaseModel):
 
 @runtime_checkable
 class Cofhe(Protocol):
-    """What the task layer needs of CoFHE; the JSON-RPC client and a future SDK bridge."""
+    """What the task layer needs of CoFHE: the JSON-RPC client and the SDK bridge."""
 
     mode: str
 
@@ -467,15 +468,27 @@ def _first_error(exc: ValidationError) -> str:
 # --- choosing an implementation ------------------------------------------------------------
 
 
-def open_cofhe(settings: Settings, account: LocalAccount) -> Cofhe:
-    """The CoFHE client ``settings`` ask for, or CofheError saying what to change."""
+def open_cofhe(
+    settings: Settings, account: LocalAccount, *, directory: Path | None = None
+) -> Cofhe:
+    """The CoFHE client ``settings`` ask for, or CofheError saying what to change.
+    ``directory`` is the node's: the SDK helper of bridge mode keeps its key cache there."""
     mode = settings.effective_cofhe_mode
     if mode not in COFHE_MODES:
         raise CofheError(
             f"cofhe_mode {mode!r} is not served by this node; available: {', '.join(COFHE_MODES)}"
         )
     if not settings.cofhe_endpoint:
+        if mode == "bridge":
+            raise CofheError(
+                "cofhe_mode 'bridge' needs cofhe_endpoint: the chain's RPC URL, as for the "
+                "public node (or BLF_COFHE_ENDPOINT)"
+            )
         raise CofheError("no CoFHE endpoint: set cofhe_endpoint (or BLF_COFHE_ENDPOINT)")
+    if mode == "bridge":
+        from blf.cofhe_bridge import open_bridge  # the bridge module builds on this one
+
+        return open_bridge(settings, account, directory=directory or Path.cwd())
     return JsonRpcCofhe(
         settings.cofhe_endpoint,
         account=account,

@@ -56,7 +56,7 @@ def cofhe() -> Cofhe:
     with _lock:
         if _cofhe is None:
             current = node()
-            _cofhe = open_cofhe(current.settings, current.account)
+            _cofhe = open_cofhe(current.settings, current.account, directory=current.directory)
         return _cofhe
 
 

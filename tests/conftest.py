@@ -9,7 +9,7 @@ from blf.broker import EmbeddedRedis
 from blf.devnet.icl import DevnetIcl
 from tests.nodes import ClaimGate, GatedQuorum, Processes, make_node, short_tempdir
 
-pytest_plugins = ["tests.fixtures_chain"]
+pytest_plugins = ["tests.fixtures_chain", "tests.fixtures_cofhe"]
 
 
 @pytest.fixture(autouse=True)
