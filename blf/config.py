@@ -55,7 +55,7 @@ PUBLIC_STAKING = "0x222Ac74201Ed58915e42Ee5be626d939fd234D0b"  # BlindferenceSta
 PUBLIC_BLIND_TOKEN = "0x232D5470DaaC7AD552a42d876aDEF1f778033cE0"
 
 CommaList = Annotated[list[str], NoDecode]
-COFHE_MODES = ("python",)  # served by this release; the public node's "bridge" is not yet
+COFHE_MODES = ("python", "bridge")  # JSON-RPC; Fhenix's @cofhe/sdk in a Node.js helper
 
 
 class BackendSpec(BaseModel):
@@ -115,6 +115,8 @@ class Settings(BaseSettings):
     pinata_jwt: SecretStr | None = None
     pinata_api_url: str = "https://api.pinata.cloud"
     cofhe_timeout_s: float = Field(30.0, gt=0)
+    cofhe_bridge_modules: Path | None = None  # node_modules holding @cofhe/sdk; default: found
+    cofhe_bridge_node: str = "node"
     model_backends: dict[str, BackendSpec] = Field(default_factory=dict)
     cluster_key_file: str = "cluster.key"
     cluster_key: SecretStr | None = None  # BLF_CLUSTER_KEY on GPU machines; hex, 32 bytes
@@ -136,6 +138,8 @@ class Settings(BaseSettings):
     max_job_deliveries: int = Field(3, ge=1)
     control_concurrency: int = Field(4, ge=1)
     inference_concurrency: int = Field(1, ge=1)
+    metrics_port: int = Field(9464, ge=0, le=65535)  # 0: any free port
+    metrics_host: str = "127.0.0.1"  # `metrics` refuses a non-loopback one without --allow-remote
 
     @field_validator("model_backends", mode="before")
     @classmethod
