@@ -211,6 +211,7 @@ class _Run:
     ready: threading.Event = field(default_factory=threading.Event)
     info: dict[str, Any] = field(default_factory=dict)
     ended: str | None = None
+    last_error: str = ""  # its last stderr line, to say why it died
 
     def fail_all(self, why: str) -> None:
         self.ended = self.ended or why
@@ -370,11 +371,10 @@ class BridgeHelper:
             if not self._dispatch(run, message):
                 break
         code = run.process.wait()
-        with self._lock:
-            if self._run is run:
-                self._run = None
-        run.fail_all(f"it exited with code {code}")
-        run.ready.set()
+        why = f"it exited with code {code}"
+        if run.last_error:
+            why += f" ({run.last_error})"
+        self._retire(run, why)
 
     def _dispatch(self, run: _Run, message: dict[str, Any]) -> bool:
         if message.get("event") == "ready":
@@ -425,18 +425,24 @@ class BridgeHelper:
         for raw in _lines(stderr):
             text = raw.decode(errors="replace").rstrip()
             if text:
+                run.last_error = text[:300]
                 log.warning("CoFHE helper: %s", text[:500])
 
     # stopping ------------------------------------------------------------------------------
 
     def _kill(self, run: _Run, why: str) -> None:
-        with self._lock:
-            if self._run is run:
-                self._run = None
         if run.ended is None:
             log.warning("Stopping the CoFHE helper (pid %d): %s", run.process.pid, why)
         self._stop(run)
+        self._retire(run, why)
+
+    def _retire(self, run: _Run, why: str) -> None:
+        # Waiters first: a caller starting this helper holds the lock until it is ready.
         run.fail_all(why)
+        run.ready.set()
+        with self._lock:
+            if self._run is run:
+                self._run = None
 
     @staticmethod
     def _stop(run: _Run) -> None:
@@ -519,7 +525,7 @@ class BridgeCofhe:
             }
             if self.chain_id == MOCK_CHAIN_ID:
                 params["mockSignerKey"] = MOCK_ZK_SIGNER_KEY
-            answer = self.helper.call("connect", params, timeout=self._timeout)
+            answer = self.helper.call("connect", params, timeout=self._wait_s)
             try:
                 info = Handshake.model_validate(answer)
             except ValidationError:
@@ -555,12 +561,19 @@ class BridgeCofhe:
             signature=item.signature,
         )
 
+    @property
+    def _wait_s(self) -> float:
+        # Each RPC the SDK makes has ``timeout`` itself, and one call makes several: Python
+        # waits twice that, so a hung helper is stopped but a slow network reports its own
+        # error first.
+        return 2 * self._timeout
+
     def close(self) -> None:
         self.helper.close()
 
     def _call(self, method: str, params: dict[str, Any], model: type[_M]) -> _M:
         self.handshake()
-        answer = self.helper.call(method, params, timeout=self._timeout)
+        answer = self.helper.call(method, params, timeout=self._wait_s)
         try:
             return model.model_validate(answer)
         except ValidationError:

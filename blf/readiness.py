@@ -18,6 +18,12 @@ def check_servable(settings: Settings) -> None:
             f"{', '.join(COFHE_MODES)} (set cofhe_mode and cofhe_endpoint in config.json)",
             field="cofhe_mode",
         )
+    if mode == "bridge" and not settings.cofhe_endpoint:
+        raise ConfigError(
+            "cofhe_mode 'bridge' needs cofhe_endpoint: the RPC URL of the chain CoFHE serves "
+            f"(chain id {settings.cofhe_chain_id}, cofhe_chain_id), as for the public node",
+            field="cofhe_endpoint",
+        )
 
 
 def job_warnings(settings: Settings) -> list[str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 
 import redis
+from celery.signals import worker_shutdown
 
 from blf import keyfiles
 from blf.app import app
@@ -76,6 +77,15 @@ def redis_client() -> redis.Redis:
             raise BrokerError("no broker configured for this worker")
         _redis = redis.Redis.from_url(broker_urls(url).redis, decode_responses=True)
     return _redis
+
+
+@worker_shutdown.connect
+def _close_cofhe(**_: object) -> None:
+    # The bridge's helper would also go with this process; closing says goodbye on its pipe.
+    global _cofhe
+    if _cofhe is not None:
+        _cofhe.close()
+        _cofhe = None
 
 
 def journal() -> Journal:

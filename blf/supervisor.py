@@ -29,7 +29,7 @@ from blf.app import requeue_unacked
 from blf.broker import EmbeddedRedis, broker_urls
 from blf.chain import StakingClient, format_amount
 from blf.children import child_env, spawn
-from blf.errors import BlfError, BrokerError
+from blf.errors import BlfError, BrokerError, CofheTransportError
 from blf.icl import DEFAULT_RETRY, Retry
 from blf.keyfiles import control_key, create_key_file
 from blf.node import Node
@@ -145,10 +145,31 @@ class Supervisor:
         log.info("  Tier    : %s", settings.tier)
         log.info("  Models  : %s", ", ".join(settings.supported_model_ids) or "(none)")
         log.info("  Cert    : expires in %ds", self.node.cert_seconds_left() or 0)
-        log.info("  CoFHE   : %s", settings.effective_cofhe_mode)
+        log.info("  CoFHE   : %s", self._cofhe_line())
         for warning in job_warnings(settings):
             log.warning("%s", warning)
         self._warn_if_unstaked()
+
+    def _cofhe_line(self) -> str:
+        """The mode; in bridge mode, the SDK helper's handshake (a wrong chain stops the
+        start: every job would fail; an unreachable one is said, and jobs retry)."""
+        settings = self.node.settings
+        if settings.effective_cofhe_mode != "bridge":
+            return settings.effective_cofhe_mode
+        from blf.cofhe_bridge import open_bridge
+
+        bridge = open_bridge(settings, self.node.account, directory=self.node.directory)
+        try:
+            info = bridge.handshake()
+        except CofheTransportError as exc:
+            log.warning("CoFHE helper does not answer yet: %s", exc)
+            return "bridge (helper not answering; jobs retry)"
+        finally:
+            bridge.close()
+        return (
+            f"bridge (@cofhe/sdk {info.sdk}, chain {info.chain_id}, helper answered in "
+            f"{bridge.helper.last_start_s + info.started_in_s:.2f} s)"
+        )
 
     def _warn_if_unstaked(self) -> None:
         """Say at start when the network wants a stake (its staking contract's MIN_STAKE is

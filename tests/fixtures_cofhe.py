@@ -137,9 +137,7 @@ def cofhe_mocks(anvil: AnvilNode, cofhe_mock_artifacts: dict[str, Any]) -> Cofhe
     _send(anvil, TASK_MANAGER, art["TaskManager"]["abi"], "setACLContract", acl)
     anvil.rpc("anvil_setCode", ZK_VERIFIER, art["MockZkVerifier"]["deployedBytecode"])
     anvil.rpc("anvil_setCode", QUERY_DECRYPTER, art["MockQueryDecrypter"]["deployedBytecode"])
-    _send(
-        anvil, QUERY_DECRYPTER, art["MockQueryDecrypter"]["abi"], "initialize", TASK_MANAGER, acl
-    )
+    _send(anvil, QUERY_DECRYPTER, art["MockQueryDecrypter"]["abi"], "initialize", TASK_MANAGER, acl)
     # The SDK's mock signer sends the transactions that record mock ciphertexts.
     anvil.rpc("anvil_setBalance", ZK_SIGNER, hex(10**20))
     vault, _ = deploy(anvil, art["KeyVault"])

@@ -558,10 +558,17 @@ def test_open_cofhe_serves_python_mode(node: LocalAccount) -> None:
         client.close()
 
 
-def test_open_cofhe_refuses_bridge_naming_python(node: LocalAccount) -> None:
+def test_open_cofhe_refuses_an_unknown_mode_naming_both(node: LocalAccount) -> None:
     with pytest.raises(CofheError) as caught:
-        open_cofhe(Settings(cofhe_mode="bridge", cofhe_endpoint="http://127.0.0.1:1"), node)
-    assert "'bridge'" in str(caught.value) and "python" in str(caught.value)
+        open_cofhe(Settings(cofhe_mode="tachyon", cofhe_endpoint="http://127.0.0.1:1"), node)
+    assert "'tachyon'" in str(caught.value) and "python, bridge" in str(caught.value)
+    assert_one_line(caught.value)
+
+
+def test_open_cofhe_in_bridge_mode_wants_the_chain_rpc(node: LocalAccount) -> None:
+    with pytest.raises(CofheError) as caught:
+        open_cofhe(Settings(cofhe_mode="bridge"), node)
+    assert "needs cofhe_endpoint: the chain's RPC URL" in str(caught.value)
     assert_one_line(caught.value)
 
 

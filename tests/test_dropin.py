@@ -375,13 +375,25 @@ def test_run_starts_and_heartbeats_on_the_public_files(
 def test_run_refuses_a_cofhe_mode_it_cannot_serve(
     account: LocalAccount, keystore: dict[str, Any], devnet: DevnetIcl
 ) -> None:
-    """The public node's default mode is "bridge": blf says which modes it has, before it
-    unlocks the key or claims anything."""
+    """blf says which modes it has, before it unlocks the key or claims anything."""
     node = write_public_node(short_tempdir(), account, keystore)
     env = {"BLF_CONFIG_PATH": "", "BLF_CONFIG_DIR": str(node.root), "BLF_ICL_ENDPOINT": devnet.url}
     assert node.invoke("attest", "--mock", env=env).exit_code == 0
-    result = node.invoke("run", env={**env, "BLF_COFHE_MODE": "bridge"})
+    result = node.invoke("run", env={**env, "BLF_COFHE_MODE": "tachyon"})
     assert result.exit_code == 2
     line = error_line(result)
-    assert "cofhe_mode 'bridge' is not available" in line and "available: python" in line
+    assert "cofhe_mode 'tachyon' is not available" in line and "python, bridge" in line
+    assert devnet_node(devnet.url, account.address)["heartbeats"] == []
+
+
+def test_run_in_bridge_mode_without_an_rpc_says_what_to_set(
+    account: LocalAccount, keystore: dict[str, Any], devnet: DevnetIcl
+) -> None:
+    """The public node's default mode: its cofhe_endpoint is the chain's RPC."""
+    node = write_public_node(short_tempdir(), account, keystore)
+    env = {"BLF_CONFIG_PATH": "", "BLF_CONFIG_DIR": str(node.root), "BLF_ICL_ENDPOINT": devnet.url}
+    assert node.invoke("attest", "--mock", env=env).exit_code == 0
+    result = node.invoke("run", env={**env, "BLF_COFHE_MODE": "bridge", "BLF_COFHE_ENDPOINT": ""})
+    assert result.exit_code == 2
+    assert "cofhe_mode 'bridge' needs cofhe_endpoint" in error_line(result)
     assert devnet_node(devnet.url, account.address)["heartbeats"] == []

@@ -100,7 +100,9 @@ def test_status_says_who_submitted_only_when_the_icl_tells() -> None:
 
 def test_run_refuses_modes_it_cannot_serve_and_warns_about_failing_jobs(tmp_path: Path) -> None:
     path = tmp_path / "config.json"
-    with pytest.raises(ConfigError, match="available: python"):
+    with pytest.raises(ConfigError, match="available: python, bridge"):
+        check_servable(build_settings({"cofhe_mode": "tachyon"}, path=path))
+    with pytest.raises(ConfigError, match="'bridge' needs cofhe_endpoint"):
         check_servable(build_settings({"cofhe_mode": "bridge"}, path=path))
     check_servable(build_settings({}, path=path))  # unset: JSON-RPC, blf's default
     warnings = job_warnings(

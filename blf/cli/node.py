@@ -227,7 +227,7 @@ def status() -> None:
         ("Broker", display_url(settings.broker_url) or "embedded Redis (started by `run`)"),
         ("Chain", display_url(settings.rpc_url or "") or "no rpc_url: on-chain duties off"),
         ("Stake", _stake_line(loaded)),
-        ("CoFHE", f"{settings.effective_cofhe_mode}, {_cofhe_endpoint(settings)}"),
+        ("CoFHE", _cofhe_line(loaded)),
         ("IPFS", _ipfs_line(settings)),
     ]
     workers, idle = _worker_rows(loaded)
@@ -292,6 +292,29 @@ def _stake_line(loaded: LoadedConfig) -> str:
 
 def _cofhe_endpoint(settings: Settings) -> str:
     return display_url(settings.cofhe_endpoint or "") or "no cofhe_endpoint: jobs fail"
+
+
+def _cofhe_line(loaded: LoadedConfig) -> str:
+    """The mode and endpoint; in bridge mode, whether the SDK helper starts and connects
+    (no key is unlocked for this: it signs nothing)."""
+    settings = loaded.settings
+    line = f"{settings.effective_cofhe_mode}, {_cofhe_endpoint(settings)}"
+    if settings.effective_cofhe_mode != "bridge" or not settings.cofhe_endpoint:
+        return line
+    from blf.cofhe_bridge import open_bridge
+    from blf.errors import CofheError
+
+    try:
+        bridge = open_bridge(
+            settings, None, directory=loaded.path.parent, address=_node_address(loaded)
+        )
+        try:
+            info = bridge.handshake()
+        finally:
+            bridge.close()
+    except CofheError as exc:
+        return f"{line} (helper does not answer: {exc})"
+    return f"{line} (helper answers: @cofhe/sdk {info.sdk}, chain {info.chain_id})"
 
 
 def _ipfs_line(settings: Settings) -> str:
