@@ -49,9 +49,9 @@ def cli() -> None:
 
 def _register_commands() -> None:
     # Imported here so each module can import `cli` from this package without a cycle.
-    from blf.cli import chain, devnet, jobs, models, node, service, staking
+    from blf.cli import chain, devnet, jobs, metrics, models, node, service, staking, systemd
 
-    for module in (node, service, chain, staking, jobs, models, devnet):
+    for module in (node, service, chain, staking, jobs, models, metrics, systemd, devnet):
         module.register(cli)
 
 
