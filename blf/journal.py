@@ -19,7 +19,7 @@ import redis
 
 from blf.names import node_key
 
-__all__ = ["FINAL_STATES", "STAGES", "Journal"]
+__all__ = ["FINAL_STATES", "STAGES", "Journal", "outcomes_key"]
 
 RECORD_TTL_S = 7 * 86400
 # States a job does not leave (a late submission may still turn "failed" into "submitted").
@@ -40,6 +40,12 @@ STAGES = (  # seconds per stage, in the order a job passes them
 )
 
 
+def outcomes_key(address: str) -> str:
+    """A hash of ``<role>:<final state>`` → jobs that ever reached it: monotonic, unlike the
+    records themselves, which expire after a week (Prometheus counts need that)."""
+    return node_key(address, "job-outcomes")
+
+
 class Journal:
     def __init__(self, client: redis.Redis, address: str) -> None:
         self._redis = client
@@ -54,11 +60,19 @@ class Journal:
         values["state"] = state
         values["updated_at"] = f"{now:.3f}"
         values[f"{state}_at"] = f"{now:.3f}"
+        key = self._job_key(job_id)
+        final = state in FINAL_STATES
         with self._redis.pipeline() as pipe:
-            pipe.hset(self._job_key(job_id), mapping=values)  # type: ignore[arg-type]  # invariant stub
-            pipe.expire(self._job_key(job_id), RECORD_TTL_S)
+            if final:  # first arrival in this final state: counted once, whatever repeats
+                pipe.hsetnx(key, f"counted_{state}", "1")
+            pipe.hset(key, mapping=values)  # type: ignore[arg-type]  # invariant stub
+            pipe.expire(key, RECORD_TTL_S)
             pipe.zadd(node_key(self._address, "jobs"), {job_id: now})
-            pipe.execute()
+            pipe.hget(key, "role")
+            replies = pipe.execute()
+        if final and replies[0]:
+            role = replies[-1] or "unknown"
+            self._redis.hincrby(outcomes_key(self._address), f"{_text(role)}:{state}", 1)
 
     def record_unless_final(self, job_id: str, state: str, **fields: Any) -> bool:
         """``record``, unless the job already reached a final state (a redelivered step
@@ -86,3 +100,7 @@ class Journal:
             pipe.expire(key, ttl_s)
             count, _ = pipe.execute()
         return int(count)
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -60,7 +60,7 @@ from redis.retry import Retry
 from blf.capacity import live_workers
 from blf.config import LoadedConfig, Settings, load_config
 from blf.errors import BlfError, ConfigError
-from blf.journal import FINAL_STATES, STAGES
+from blf.journal import FINAL_STATES, STAGES, outcomes_key
 from blf.names import control_queue, model_queue, node_key
 
 __all__ = [
@@ -100,10 +100,6 @@ _JOB_FIELDS = ("role", "state", *STAGES)
 
 def _heartbeat_key(address: str, kind: str) -> str:
     return node_key(address, "heartbeat", kind)
-
-
-def _outcomes_key(address: str) -> str:
-    return node_key(address, "job-outcomes")
 
 
 def note_heartbeat(client: redis.Redis, address: str, kind: str, at: float | None = None) -> None:
@@ -245,7 +241,7 @@ class NodeCollector(Collector):
             for keys in (*queues.values(), control):
                 for key in keys:
                     pipe.llen(key)
-            pipe.hgetall(_outcomes_key(address))
+            pipe.hgetall(outcomes_key(address))
             pipe.mget([_heartbeat_key(address, kind) for kind in HEARTBEATS])
             replies: list[Any] = pipe.execute()
         rows, rest = replies[: len(ids)], iter(replies[len(ids) :])

@@ -161,16 +161,18 @@ def test_the_journal_families_describe_a_bounded_window_and_the_counter_what_is_
     journal = Journal(client, node.address)
     for job_id in ("a", "b", "c"):
         journal.record(job_id * 64, "submitted", role="leader", total_s="1.0")
-    # What a monotonic count in the journal would write (not kept by journal.py yet).
-    client.hincrby(f"blf:{node.address.lower()}:job-outcomes", "leader:submitted", 7)
+    journal.record("a" * 64, "submitted", role="leader")  # a repeat is not counted again
+    journal.record("d" * 64, "claimed", role="verifier")
+    journal.record("d" * 64, "failed", reason="tampered blob")  # the role is the record's
 
     with endpoint(node, shared_redis.urls.celery, monkeypatch, journal_window=2) as server:
         samples = scrape(server.url)
 
     assert value(samples, "blf_journal_records") == 2
-    assert value(samples, "blf_journal_jobs", role="leader", outcome="submitted") == 2
-    assert value(samples, "blf_stage_seconds_gcount", stage="total") == 2
-    assert value(samples, "blf_jobs_total", role="leader", outcome="submitted") == 7
+    assert value(samples, "blf_journal_jobs", role="verifier", outcome="failed") == 1
+    assert value(samples, "blf_journal_jobs", role="leader", outcome="submitted") == 1
+    assert value(samples, "blf_jobs_total", role="leader", outcome="submitted") == 3
+    assert value(samples, "blf_jobs_total", role="verifier", outcome="failed") == 1
 
 
 def test_a_redis_that_is_down_gives_a_scrape_that_says_so(
