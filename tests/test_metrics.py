@@ -113,8 +113,9 @@ def test_a_scrape_reports_jobs_stages_queues_workers_heartbeats_and_the_certific
         assert value(samples, "blf_journal_jobs", role="leader", outcome=outcome) == 0
     assert value(samples, "blf_jobs_in_progress", role="verifier") == 1
     assert value(samples, "blf_jobs_in_progress", role="leader") == 0
-    # Nothing counts jobs monotonically yet, so no counter is made up from the window.
-    assert "blf_jobs_total" not in names(samples)
+    # The journal counts each final state once, monotonically, beside the window.
+    assert value(samples, "blf_jobs_total", role="leader", outcome="submitted") == 1
+    assert value(samples, "blf_jobs_total", role="verifier", outcome="failed") == 1
 
     def bucket(stage: str, le: str) -> float:
         return value(samples, "blf_stage_seconds_bucket", stage=stage, le=le)
