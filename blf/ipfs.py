@@ -74,7 +74,7 @@ class IpfsClient:
         timeout: float = 30.0,
         session: requests.Session | None = None,
     ) -> None:
-        self._api_url = _kubo_base(api_url) if api_url else None
+        self._api_url = kubo_base(api_url) if api_url else None
         self._gateways = _unique(_gateway_base(g) for g in gateways if g.strip())
         self._pinata_jwt = pinata_jwt or None
         self._pinata_api_url = pinata_api_url.rstrip("/")
@@ -317,7 +317,7 @@ def _short_body(body: bytes | str) -> str:
     return f": {line}" if line else ""
 
 
-def _kubo_base(url: str) -> str:
+def kubo_base(url: str) -> str:
     return url.rstrip("/").removesuffix("/api/v0")
 
 

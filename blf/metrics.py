@@ -163,7 +163,7 @@ class ConfigView:
 
 
 @dataclass
-class _Snapshot:
+class Snapshot:
     """One scrape's reads from Redis."""
 
     records: list[dict[str, str | None]]
@@ -175,7 +175,7 @@ class _Snapshot:
 
 
 @dataclass
-class _Window:
+class Window:
     """What the newest journal records add up to."""
 
     finished: dict[tuple[str, str], int] = field(default_factory=dict)
@@ -230,7 +230,7 @@ class NodeCollector(Collector):
             for step in PRIORITY_STEPS
         ]
 
-    def _read_redis(self, models: Sequence[str]) -> _Snapshot:
+    def read_redis(self, models: Sequence[str]) -> Snapshot:
         address = self.address
         ids = self.client.zrevrange(node_key(address, "jobs"), 0, self._window - 1)
         queues = {m: self._queue_keys(model_queue(address, m)) for m in models}
@@ -248,7 +248,7 @@ class NodeCollector(Collector):
         queued = {m: sum(int(next(rest)) for _ in keys) for m, keys in queues.items()}
         control_queued = sum(int(next(rest)) for _ in control)
         outcomes, beats = next(rest), next(rest)
-        return _Snapshot(
+        return Snapshot(
             records=[dict(zip(_JOB_FIELDS, row, strict=True)) for row in rows],
             queued=queued,
             control_queued=control_queued,
@@ -282,9 +282,9 @@ class NodeCollector(Collector):
         now = self._clock()
         view = self._read_view()
         current = view if view is not None else self._last_view
-        snapshot: _Snapshot | None = None
+        snapshot: Snapshot | None = None
         try:
-            snapshot = self._read_redis(current.models)
+            snapshot = self.read_redis(current.models)
         except Exception as exc:  # a scrape answers whatever broke: down, timeout, garbage
             self._failed("redis", exc)
         else:
@@ -329,8 +329,8 @@ class NodeCollector(Collector):
             time.perf_counter() - started,
         )
 
-    def _window_of(self, records: Iterable[dict[str, str | None]]) -> _Window:
-        window = _Window()
+    def window_of(self, records: Iterable[dict[str, str | None]]) -> Window:
+        window = Window()
         for record in records:
             state = record.get("state")
             if state is None:  # expired between the index and its hash
@@ -347,8 +347,8 @@ class NodeCollector(Collector):
                     window.stages[stage].append(seconds)
         return window
 
-    def _journal_families(self, snapshot: _Snapshot) -> list[Metric]:
-        window = self._window_of(snapshot.records)
+    def _journal_families(self, snapshot: Snapshot) -> list[Metric]:
+        window = self.window_of(snapshot.records)
         seen = sum(1 for r in snapshot.records if r.get("state") is not None)
         scope = f"among the newest {self._window} journal records (kept a week)"
         records = _gauge(
@@ -405,7 +405,7 @@ class NodeCollector(Collector):
             families.append(total)
         return families
 
-    def _queue_families(self, snapshot: _Snapshot, models: Sequence[str]) -> list[Metric]:
+    def _queue_families(self, snapshot: Snapshot, models: Sequence[str]) -> list[Metric]:
         queued = GaugeMetricFamily(
             "blf_queue_messages",
             "Messages waiting in each model's queue (not yet taken by a GPU worker).",
@@ -433,7 +433,7 @@ class NodeCollector(Collector):
         )
         return [queued, control, workers, slots]
 
-    def _heartbeat_families(self, snapshot: _Snapshot, now: float) -> list[Metric]:
+    def _heartbeat_families(self, snapshot: Snapshot, now: float) -> list[Metric]:
         about = {
             "icl": "Seconds since the ICL last accepted this node's heartbeat.",
             "chain": "Seconds since the node's last on-chain heartbeat (NodeRegistry's "

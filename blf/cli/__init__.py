@@ -11,13 +11,10 @@ from typing import Any
 import click
 
 from blf import __version__
+from blf.cli.common import ConfigClickError
 from blf.errors import BlfError, ConfigError
 
 __all__ = ["cli", "main"]
-
-
-class ConfigClickError(click.ClickException):
-    exit_code = 2
 
 
 class BlfGroup(click.Group):

@@ -10,22 +10,36 @@ import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from decimal import Decimal
 
 import click
 from rich.console import Console
 from rich.table import Table
 
-from blf.chain import ChainClient, ChainNodeStatus, NodeRecord, TxResult
-from blf.cli.node import humanize_seconds, load_with_warnings, warn
+from blf.chain import ChainClient, ChainNodeStatus, NodeRecord
+from blf.cli.common import (
+    configured_address,
+    ether,
+    humanize_seconds,
+    load_with_warnings,
+    print_tx,
+    stamp,
+    warn,
+)
+from blf.cli.common import require_rpc_url as rpc_url_or_error
+from blf.cli.staking import check_token_address, stake_rows, staking_client
 from blf.config import LoadedConfig, Settings, update_config_file
 from blf.errors import AttestationError, ChainError
 from blf.node import Node, open_node
-from blf.wallet import keystore_address
 
-__all__ = ["chain", "read_only_client", "register", "register_on_chain"]
+__all__ = [
+    "chain",
+    "inactive_reason",
+    "read_only_client",
+    "register",
+    "register_on_chain",
+    "require_rpc_url",
+]
 
-ETHER = Decimal(10**18)
 REGISTER_HINT = "blindference-node attest --mock --register-on-chain"
 ATTEST_HINT = "blindference-node attest --mock"
 
@@ -43,14 +57,11 @@ def chain() -> None:
 
 
 def require_rpc_url(loaded: LoadedConfig) -> str:
-    if not loaded.settings.rpc_url:
-        raise ChainError(
-            f'no rpc_url configured: set BLF_RPC_URL or add "rpc_url" to {loaded.path}'
-        )
-    return loaded.settings.rpc_url
+    """``rpc_url``, or a ``ChainError`` naming the config file to set it in."""
+    return rpc_url_or_error(loaded.settings, where=loaded.path)
 
 
-def read_only_client(loaded: LoadedConfig) -> ChainClient:
+def read_only_client(loaded: LoadedConfig, *, timeout_s: float = 30.0) -> ChainClient:
     """A client for reads only: built from the settings, no keystore, no password."""
     settings = loaded.settings
     return ChainClient(
@@ -59,20 +70,8 @@ def read_only_client(loaded: LoadedConfig) -> ChainClient:
         registry_address=settings.node_registry_address,
         account=None,
         max_fee_gwei=settings.max_fee_gwei,
+        timeout_s=timeout_s,
     )
-
-
-def _configured_address(loaded: LoadedConfig) -> str:
-    """The node's address without the password: config.json, else the keystore's header."""
-    if loaded.settings.node_address:
-        return loaded.settings.node_address
-    address = keystore_address(loaded.keystore_file())
-    if not address:
-        raise ChainError(
-            f"no node_address in {loaded.path} and the keystore does not declare one; "
-            "run `blindference-node init`"
-        )
-    return address
 
 
 def _node_chain(node: Node) -> ChainClient:
@@ -87,22 +86,13 @@ def _check_attestation(settings: Settings, now: float) -> None:
         raise AttestationError(f"the attestation has expired: run `{ATTEST_HINT}` first")
 
 
-def _ether(wei: int) -> str:
-    text = f"{Decimal(wei) / ETHER:f}"
-    return text.rstrip("0").rstrip(".") if "." in text else text
-
-
-def _stamp(unix: int) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(unix))
-
-
 def _relative(unix: int, now: int) -> str:
     """A timestamp and its distance from ``now`` (the chain's clock)."""
     delta = unix - now
     if delta == 0:
-        return f"{_stamp(unix)} (now)"
+        return f"{stamp(unix)} (now)"
     when = f"in {humanize_seconds(delta)}" if delta > 0 else f"{humanize_seconds(-delta)} ago"
-    return f"{_stamp(unix)} ({when})"
+    return f"{stamp(unix)} ({when})"
 
 
 def _heartbeat_margin(settings: Settings) -> tuple[int, int]:
@@ -110,15 +100,9 @@ def _heartbeat_margin(settings: Settings) -> tuple[int, int]:
     return int(settings.chain_heartbeat_interval_s), int(settings.chain_heartbeat_check_s) * 2
 
 
-def _print_tx(tx: TxResult) -> None:
-    click.echo(f"  Tx      : {tx.tx_hash}")
-    click.echo(f"  Block   : {tx.block_number}")
-    click.echo(f"  Gas used: {tx.gas_used} (fee {_ether(tx.fee_wei)} ETH)")
-
-
 class _WarningEcho(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
-        click.secho(f"Warning: {record.getMessage()}", fg="yellow", err=True)
+        warn(record.getMessage())
 
 
 @contextmanager
@@ -153,7 +137,7 @@ def register_on_chain(node: Node) -> None:
     if record.registered:
         click.echo(
             f"Already registered in NodeRegistry {client.registry_address} "
-            f"(chain {client.chain_id}) since {_stamp(record.registered_at)}: nothing sent"
+            f"(chain {client.chain_id}) since {stamp(record.registered_at)}: nothing sent"
         )
         click.echo(f"  Tier    : {record.tier}")
         click.echo(f"  Cert    : {record.attestation_hash}")
@@ -165,12 +149,12 @@ def register_on_chain(node: Node) -> None:
     if stake < min_stake:
         raise ChainError(
             f"stake_amount_wei {stake} is below the registry's minStake of {min_stake} wei "
-            f"({_ether(min_stake)} ETH): set stake_amount_wei in config.json "
+            f"({ether(min_stake)} ETH): set stake_amount_wei in config.json "
             "or BLF_STAKE_AMOUNT_WEI"
         )
     click.echo(
         f"Registering {node.address} in NodeRegistry {client.registry_address} "
-        f"(chain {client.chain_id}), stake {_ether(stake)} ETH ..."
+        f"(chain {client.chain_id}), stake {ether(stake)} ETH ..."
     )
     tx = client.register(
         tier=settings.tier,
@@ -181,7 +165,7 @@ def register_on_chain(node: Node) -> None:
     )
     _mark_registered(node)
     click.echo("Registered on chain")
-    _print_tx(tx)
+    print_tx(tx)
 
 
 @chain.command("register")
@@ -219,14 +203,14 @@ def heartbeat(force: bool) -> None:
     if force:
         tx = client.heartbeat()
         click.echo("On-chain heartbeat sent")
-        _print_tx(tx)
+        print_tx(tx)
         return
     interval, margin = _heartbeat_margin(node.settings)
     with _chain_warnings():
         outcome = client.heartbeat_if_due(interval_s=interval, margin_s=margin)
     if outcome.status == "sent" and outcome.tx is not None:
         click.echo("On-chain heartbeat sent")
-        _print_tx(outcome.tx)
+        print_tx(outcome.tx)
     elif outcome.status == "skipped":
         due = humanize_seconds(int(outcome.seconds_until_due or 0))
         click.echo(f"On-chain heartbeat not due: next in {due} (use --force to send now)")
@@ -245,7 +229,7 @@ def _status_rows(state: ChainNodeStatus, settings: Settings) -> list[tuple[str, 
         ("Chain id", str(state.chain_id)),
         ("Registry", state.registry_address),
         ("Address", state.address),
-        ("Balance", f"{_ether(state.balance_wei)} ETH"),
+        ("Balance", f"{ether(state.balance_wei)} ETH"),
         ("Registered", "yes" if node.registered else "no"),
     ]
     if node.registered:
@@ -256,7 +240,7 @@ def _status_rows(state: ChainNodeStatus, settings: Settings) -> list[tuple[str, 
             ("Attestation", node.attestation_hash),
             ("Att. expires", _relative(node.attestation_expires, now)),
             ("Models", ", ".join(node.models) or "(none)"),
-            ("Stake", f"{_ether(node.stake)} ETH"),
+            ("Stake", f"{ether(node.stake)} ETH"),
             ("Registered at", _relative(node.registered_at, now)),
             ("Last heartbeat", _relative(node.last_heartbeat, now)),
             ("Next heartbeat", "due now" if due_in <= 0 else f"in {humanize_seconds(due_in)}"),
@@ -276,7 +260,7 @@ def status() -> None:
     """
     loaded = load_with_warnings()
     client = read_only_client(loaded)
-    state = client.node_status(_configured_address(loaded))
+    state = client.node_status(configured_address(loaded))
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_column(style="bold")
     table.add_column()
@@ -292,14 +276,12 @@ def status() -> None:
             warn("config.json says registered_on_chain, but this registry does not know the node")
         click.echo(f"Not registered. Register with: {REGISTER_HINT}")
     elif not state.is_active:
-        warn(f"the registry counts this node inactive: {_inactive_reason(state)}")
+        warn(f"the registry counts this node inactive: {inactive_reason(state)}")
 
 
 def _staking_rows(loaded: LoadedConfig, state: ChainNodeStatus) -> list[tuple[str, str]]:
     """BLIND staking's view of the same address; a staking read failure is one row, not an
     error (the registry's rows above stand on their own)."""
-    from blf.cli.staking import check_token_address, stake_rows, staking_client
-
     try:
         staking = staking_client(loaded.settings).status(state.address)
     except ChainError as exc:
@@ -308,7 +290,7 @@ def _staking_rows(loaded: LoadedConfig, state: ChainNodeStatus) -> list[tuple[st
     return stake_rows(staking)
 
 
-def _inactive_reason(state: ChainNodeStatus) -> str:
+def inactive_reason(state: ChainNodeStatus) -> str:
     now, node = state.block_timestamp, state.node
     if node.attestation_expires <= now:
         return f"its on-chain attestation has expired (re-attest: `{ATTEST_HINT}`)"

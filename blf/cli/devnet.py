@@ -11,6 +11,7 @@ from typing import Any
 
 import click
 
+from blf.cli.common import json_option
 from blf.errors import BlfError
 from blf.wallet import PASSWORD_ENV
 
@@ -171,7 +172,7 @@ def _banner(network: Any, root: Path) -> str:
 @click.option("--model", default="demo-model", show_default=True, help="Model id.")
 @click.option("--wait", is_flag=True, help="Wait for the job's final status and its output.")
 @click.option("--timeout", default=120.0, show_default=True, help="Seconds --wait waits.")
-@click.option("--json", "as_json", is_flag=True, help="One JSON object (job_id, status, output).")
+@json_option("One JSON object (job_id, status, output).")
 def devnet_submit(
     directory: Path, prompt: str, model: str, wait: bool, timeout: float, as_json: bool
 ) -> None:
@@ -196,7 +197,7 @@ def devnet_submit(
 @devnet.command("show")
 @dir_option
 @click.argument("job_id")
-@click.option("--json", "as_json", is_flag=True, help="One JSON object.")
+@json_option("One JSON object.")
 def devnet_show(directory: Path, job_id: str, as_json: bool) -> None:
     """A devnet job's status, and the leader's output decrypted as the user would."""
     from blf.devnet.user import DevnetInfo, DevnetUser
@@ -222,7 +223,7 @@ def _print_job(user: Any, record: dict[str, Any], as_json: bool, *, with_output:
         "failure_reason": record["failureReason"],
     }
     if as_json:
-        click.echo(json.dumps(summary))
+        click.echo(json.dumps(summary))  # one line: a script reads one job per line
         return
     click.echo(f"Job      {summary['job_id']}")
     click.echo(f"Status   {summary['status']}")

@@ -3,7 +3,6 @@ what it earned for them, from the payment service (``payment_service_url``)."""
 
 from __future__ import annotations
 
-import json
 import time
 from decimal import Decimal
 from typing import Any
@@ -11,7 +10,7 @@ from typing import Any
 import click
 import redis
 
-from blf.broker import node_broker
+from blf.cli.common import echo_json, json_option, load_with_warnings, node_redis
 from blf.config import LoadedConfig
 from blf.errors import PaymentError
 from blf.journal import STAGES, Journal
@@ -33,16 +32,8 @@ def register(cli: click.Group) -> None:
 def _journal(loaded: LoadedConfig) -> Journal:
     from blf.app import settings_with_address
 
-    settings = settings_with_address(loaded)
-    urls = node_broker(settings.broker_url, loaded.directory)
-    client = redis.Redis.from_url(urls.redis, decode_responses=True, socket_timeout=5)
-    return Journal(client, settings.node_address)
-
-
-def _loaded() -> LoadedConfig:
-    from blf.cli.node import load_with_warnings
-
-    return load_with_warnings()
+    address = settings_with_address(loaded).node_address
+    return Journal(node_redis(loaded), address)
 
 
 def _payment(loaded: LoadedConfig) -> PaymentClient:
@@ -83,11 +74,11 @@ def jobs() -> None:
 
 @jobs.command("list")
 @click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 10000))
-@click.option("--json", "as_json", is_flag=True, help="One JSON array of job records.")
+@json_option("One JSON array of job records.")
 def list_jobs(limit: int, as_json: bool) -> None:
     """The most recent jobs, newest first; with what each earned when the payment service
     (payment_service_url) answers."""
-    loaded = _loaded()
+    loaded = load_with_warnings()
     found = _read(lambda: _journal(loaded).recent(limit))
     earned: dict[str, Decimal | None] | None = None
     if found:
@@ -102,7 +93,7 @@ def list_jobs(limit: int, as_json: bool) -> None:
             for record in records:
                 amount = earned.get(record["job_id"])
                 record["amount_blind_earned"] = None if amount is None else f"{amount:f}"
-        click.echo(json.dumps(records, indent=2))
+        echo_json(records)
         return
     if not found:
         click.echo("No jobs recorded.")
@@ -124,14 +115,14 @@ def list_jobs(limit: int, as_json: bool) -> None:
 
 @jobs.command("earnings")
 @click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 1000))
-@click.option("--json", "as_json", is_flag=True, help="One JSON object: totals and jobs.")
+@json_option("One JSON object: totals and jobs.")
 def earnings(limit: int, as_json: bool) -> None:
     """BLIND earned, in total and per recent job, from the payment service.
 
     Rewards are paid on completion: there is nothing to claim. Needs payment_service_url,
     not the node's Redis.
     """
-    loaded = _loaded()
+    loaded = load_with_warnings()
     address = _address(loaded)
     with _payment(loaded) as client:
         totals = client.earnings(address)
@@ -147,7 +138,7 @@ def earnings(limit: int, as_json: bool) -> None:
                 for j in recent
             ],
         }
-        click.echo(json.dumps(body, indent=2))
+        echo_json(body)
         return
     click.echo(f"Earnings of {address} (payment service {where})")
     click.echo(f"  Total   : {totals.total_blind_earned:f} BLIND")
@@ -169,15 +160,15 @@ def _json_amount(amount: Decimal | None) -> str | None:
 
 @jobs.command("show")
 @click.argument("job_id")
-@click.option("--json", "as_json", is_flag=True, help="The job's record as one JSON object.")
+@json_option("The job's record as one JSON object.")
 def show_job(job_id: str, as_json: bool) -> None:
     """One job's record: state, reason, commitment, and the seconds in each stage."""
-    journal = _journal(_loaded())
+    journal = _journal(load_with_warnings())
     record = _read(lambda: journal.get(job_id))
     if not record:
         raise click.ClickException(f"job {job_id} is not in this node's journal")
     if as_json:
-        click.echo(json.dumps({"job_id": job_id, **record}, indent=2))
+        echo_json({"job_id": job_id, **record})
         return
     click.echo(f"Job      {job_id}")
     for name in ("role", "model_id", "state", "reason", "verdict", "commitment", "backend"):

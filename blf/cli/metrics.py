@@ -38,7 +38,7 @@ def metrics(host: str | None, port: int | None, allow_remote: bool) -> None:
     config.json. Needs no password: the key is never opened.
     """
     from blf.app import settings_with_address
-    from blf.cli.node import load_with_warnings
+    from blf.cli.common import load_with_warnings
     from blf.logging import configure_logging
     from blf.metrics import build_registry, serve
 

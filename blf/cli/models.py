@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 
 import click
 
+from blf.cli.common import echo_json, json_option
 from blf.config import Settings
 from blf.errors import BlfError
 
@@ -41,7 +41,7 @@ def models() -> None:
 
 
 @models.command("list")
-@click.option("--json", "as_json", is_flag=True, help="One JSON array.")
+@json_option("One JSON array.")
 def list_models(as_json: bool) -> None:
     """Each model with its backend, and why it cannot be served where it cannot."""
     from blf.inference import describe_models
@@ -50,7 +50,7 @@ def list_models(as_json: bool) -> None:
     rows = describe_models(list(settings.supported_model_ids), settings.model_backends)
     if as_json:
         keys = ("model", "backend", "problem")
-        click.echo(json.dumps([dict(zip(keys, row, strict=True)) for row in rows], indent=2))
+        echo_json([dict(zip(keys, row, strict=True)) for row in rows])
         return
     if not rows:
         click.echo("No models: set supported_model_ids and model_backends in config.json.")

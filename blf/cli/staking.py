@@ -12,24 +12,41 @@ and a value set there that disagrees with the contract earns a warning.
 
 from __future__ import annotations
 
-import json
-import time
 from typing import Any
 
 import click
 
 from blf.chain import StakingClient, StakingStatus, TxResult, format_amount, parse_amount
 from blf.chain.staking import StakeOutcome, UnstakeOutcome
-from blf.cli.node import humanize_seconds, load_with_warnings, warn
+from blf.cli.common import (
+    configured_address,
+    echo_json,
+    humanize_seconds,
+    json_option,
+    load_with_warnings,
+    print_tx,
+    require_rpc_url,
+    stamp,
+    warn,
+)
 from blf.config import LoadedConfig, Settings
-from blf.errors import UnbondingError
+from blf.errors import BlfError, UnbondingError
 from blf.node import Node, open_node
 
-__all__ = ["balance", "register", "stake_rows", "stake_summary", "staking", "staking_client"]
+__all__ = [
+    "balance",
+    "read_stake",
+    "register",
+    "stake_json",
+    "stake_line",
+    "stake_rows",
+    "stake_summary",
+    "staking",
+    "staking_client",
+]
 
 PENDING_FILE = "pending-tx.json"
 NONCE_LOCK_FILE = "nonce.lock"  # the same lock as NodeRegistry's: one key, one nonce sequence
-JSON_HELP = "Print one JSON object instead of text."
 
 
 def register(cli: click.Group) -> None:
@@ -50,7 +67,7 @@ def staking_client(
 ) -> StakingClient:
     """A read-only client, or with `node` one that signs (journal and lock beside config)."""
     return StakingClient(
-        _rpc_url(settings),
+        require_rpc_url(settings),
         chain_id=settings.chain_id,
         staking_address=settings.staking_address,
         account=node.account if node else None,
@@ -61,25 +78,13 @@ def staking_client(
     )
 
 
-def _rpc_url(settings: Settings) -> str:
-    from blf.errors import ChainError
-
-    if not settings.rpc_url:
-        raise ChainError('no rpc_url configured: set BLF_RPC_URL or add "rpc_url" to config.json')
-    return settings.rpc_url
-
-
 def _read_only(loaded: LoadedConfig) -> StakingClient:
-    from blf.cli.chain import require_rpc_url
-
-    require_rpc_url(loaded)  # names the config file in its error
+    require_rpc_url(loaded.settings, where=loaded.path)  # names the config file in its error
     return staking_client(loaded.settings)
 
 
 def _address(loaded: LoadedConfig) -> str:
-    from blf.cli.chain import _configured_address
-
-    return _configured_address(loaded)
+    return configured_address(loaded)
 
 
 def check_token_address(settings: Settings, token_address: str) -> None:
@@ -100,10 +105,6 @@ def _blind(units: int, status: StakingStatus) -> str:
     return f"{format_amount(units, status.decimals)} BLIND"
 
 
-def _stamp(unix: int) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(unix))
-
-
 def _unbonding_text(status: StakingStatus) -> str:
     left = status.unlocks_in
     if left is None:
@@ -111,7 +112,7 @@ def _unbonding_text(status: StakingStatus) -> str:
     amount = _blind(status.info.unbonding, status)
     if left == 0:
         return f"{amount}, withdrawable now (`blindference-node staking withdraw`)"
-    when = _stamp(status.info.unbonding_available_at)
+    when = stamp(status.info.unbonding_available_at)
     return f"{amount}, unlocks {when} (in {humanize_seconds(left)})"
 
 
@@ -132,16 +133,25 @@ def stake_rows(status: StakingStatus) -> list[tuple[str, str]]:
     ]
 
 
-def stake_summary(settings: Settings, address: str) -> str:
-    """One line for `status`: the stake, or why it could not be read (never raises)."""
-    from blf.errors import BlfError
-
+def read_stake(settings: Settings, address: str, *, timeout_s: float = 5.0) -> StakingStatus | str:
+    """The stake for `status`, or why it was not read (never raises a ``BlfError``)."""
     if not settings.rpc_url:
         return "not checked: no rpc_url"
     try:
-        status = staking_client(settings, timeout_s=5.0).status(address)
+        return staking_client(settings, timeout_s=timeout_s).status(address)
     except BlfError as exc:
         return f"cannot read: {exc}"
+
+
+def stake_summary(settings: Settings, address: str) -> str:
+    """One line for `status`: the stake, or why it could not be read (never raises)."""
+    return stake_line(read_stake(settings, address))
+
+
+def stake_line(status: StakingStatus | str) -> str:
+    """``read_stake``'s answer as `status` shows it."""
+    if isinstance(status, str):
+        return status
     state = "active" if status.is_active else "not active"
     text = f"{_blind(status.info.staked, status)} staked, {state}"
     if status.info.unbonding:
@@ -155,7 +165,9 @@ def _tx_json(tx: TxResult | None) -> dict[str, Any] | None:
     return {**tx.model_dump(), "fee_wei": str(tx.fee_wei)}
 
 
-def _status_json(status: StakingStatus) -> dict[str, Any]:
+def stake_json(status: StakingStatus) -> dict[str, Any]:
+    """``staking status --json``'s object (amounts in wei as strings: JSON readers that
+    parse numbers as doubles would round them)."""
     info = status.info
     return {
         "chain_id": status.chain_id,
@@ -178,21 +190,15 @@ def _status_json(status: StakingStatus) -> dict[str, Any]:
 
 
 def _print_tx(what: str, tx: TxResult) -> None:
-    from blf.cli.chain import _print_tx as print_tx_lines
-
     click.echo(what)
-    print_tx_lines(tx)
-
-
-def _echo_json(data: dict[str, Any]) -> None:
-    click.echo(json.dumps(data, indent=2))
+    print_tx(tx)
 
 
 # --- commands ----------------------------------------------------------------------------
 
 
 @staking.command("status")
-@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
+@json_option()
 def status_command(as_json: bool) -> None:
     """Stake, unbonding, failures and whether staking counts the node active.
 
@@ -202,7 +208,7 @@ def status_command(as_json: bool) -> None:
     status = _read_only(loaded).status(_address(loaded))
     check_token_address(loaded.settings, status.token_address)
     if as_json:
-        _echo_json(_status_json(status))
+        echo_json(stake_json(status))
         return
     rows = [("Chain id", str(status.chain_id)), ("Address", status.address), *stake_rows(status)]
     rows.append(("Unbond time", humanize_seconds(status.unbonding_period)))
@@ -219,7 +225,7 @@ def _min(status: StakingStatus) -> str:
 # ignore_unknown_options: "-5" is an amount to refuse clearly, not an unknown option.
 @staking.command("stake", context_settings={"ignore_unknown_options": True})
 @click.argument("amount")
-@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
+@json_option()
 def stake_command(amount: str, as_json: bool) -> None:
     """Stake AMOUNT BLIND (e.g. 1000, 1000.5 or 1e3); approves first only if needed.
 
@@ -244,7 +250,7 @@ def stake_command(amount: str, as_json: bool) -> None:
 def _report_stake(outcome: StakeOutcome, units: int, decimals: int, as_json: bool) -> None:
     staked = format_amount(outcome.info.staked, decimals)
     if as_json:
-        _echo_json(
+        echo_json(
             {
                 "approve": _tx_json(outcome.approve),
                 "stake": _tx_json(outcome.stake),
@@ -263,7 +269,7 @@ def _report_stake(outcome: StakeOutcome, units: int, decimals: int, as_json: boo
 
 
 @staking.command("unstake")
-@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
+@json_option()
 def unstake_command(as_json: bool) -> None:
     """Start unbonding the whole stake; shows when the tokens unlock."""
     loaded = load_with_warnings()
@@ -280,7 +286,7 @@ def _report_unstake(reader: StakingClient, outcome: UnstakeOutcome, as_json: boo
     info, decimals = outcome.info, reader.decimals()
     left = max(info.unbonding_available_at - reader.block_timestamp(), 0)
     if as_json:
-        _echo_json(
+        echo_json(
             {
                 "tx": _tx_json(outcome.tx),
                 "unbonding_wei": str(info.unbonding),
@@ -293,13 +299,13 @@ def _report_unstake(reader: StakingClient, outcome: UnstakeOutcome, as_json: boo
     amount = format_amount(info.unbonding, decimals)
     _print_tx(f"Unstaking {amount} BLIND: no longer active in staking", outcome.tx)
     click.echo(
-        f"Unlocks {_stamp(info.unbonding_available_at)} (in {humanize_seconds(left)}); "
+        f"Unlocks {stamp(info.unbonding_available_at)} (in {humanize_seconds(left)}); "
         "then: blindference-node staking withdraw"
     )
 
 
 @staking.command("withdraw")
-@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
+@json_option()
 def withdraw_command(as_json: bool) -> None:
     """Withdraw unbonded BLIND; before they unlock, says how long is left and sends nothing."""
     loaded = load_with_warnings()
@@ -311,20 +317,20 @@ def withdraw_command(as_json: bool) -> None:
     if left > 0:
         raise UnbondingError(
             f"{_blind(status.info.unbonding, status)} unlock "
-            f"{_stamp(status.info.unbonding_available_at)}, in {humanize_seconds(left)}: "
+            f"{stamp(status.info.unbonding_available_at)}, in {humanize_seconds(left)}: "
             "nothing sent",
             seconds_left=left,
         )
     node = open_node(loaded)
     outcome = staking_client(node.settings, node=node).complete_unstake()
     if as_json:
-        _echo_json({"tx": _tx_json(outcome.tx), "withdrawn_wei": str(status.info.unbonding)})
+        echo_json({"tx": _tx_json(outcome.tx), "withdrawn_wei": str(status.info.unbonding)})
         return
     _print_tx(f"Withdrew {_blind(status.info.unbonding, status)}", outcome.tx)
 
 
 @click.command()
-@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
+@json_option()
 def balance(as_json: bool) -> None:
     """The node address's ETH (for gas) and BLIND (unstaked) balances.
 
@@ -337,7 +343,7 @@ def balance(as_json: bool) -> None:
     decimals, token = client.decimals(), client.token_address()
     check_token_address(loaded.settings, token)
     if as_json:
-        _echo_json(
+        echo_json(
             {
                 "address": address,
                 "chain_id": client.chain_id,

@@ -34,7 +34,7 @@ from typing import Any
 
 import click
 
-from blf.cli import ConfigClickError
+from blf.cli.common import ConfigClickError
 from blf.config import LoadedConfig, Settings, load_settings_or_environment
 from blf.icl import Retry, Timeout
 
@@ -446,7 +446,7 @@ def systemd(
     """
     if to_stdout and output_dir is not None:
         raise click.UsageError("--print and --output-dir exclude each other")
-    from blf.cli.node import load_with_warnings, warn
+    from blf.cli.common import load_with_warnings, warn
 
     worker = worker_command()
     units: dict[str, str] = {}
