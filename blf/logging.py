@@ -1,6 +1,14 @@
 """The log format of protocol.md section 6, for blf's lines and Celery's alike:
 
 [2026-05-18T10:25:00] [INFO   ] [0xdDef3Cf5] Daemon starting ...
+
+Celery's worker prints a few messages past logging, from its signal handlers
+(``worker: Warm shutdown (MainProcess)``, the cold-shutdown and Ctrl+C notes): it writes
+them with ``celery.apps.worker.safe_say`` straight to the terminal's file descriptor.
+``configure_logging`` replaces that function with ``say``, which writes the same message
+as a node-format line, and just as safely: one ``os.write``, no logging or stream lock (a
+signal that lands while the main thread is inside a write would otherwise meet a
+"reentrant call" error).
 """
 
 from __future__ import annotations
@@ -9,8 +17,9 @@ import logging
 import os
 import sys
 import warnings
+from typing import TextIO
 
-__all__ = ["NodeFormatter", "configure_logging", "warn_if_root"]
+__all__ = ["NodeFormatter", "configure_logging", "say", "warn_if_root"]
 
 LOG_FORMAT = "[%(asctime)s] [%(levelname)-7s] [%(node)s] %(message)s"
 DATE_FORMAT = "%Y-%m-%dT%H:%M:%S"
@@ -40,10 +49,69 @@ class NodeFormatter(logging.Formatter):
         return super().format(record)
 
 
+class _Sink:
+    """Where ``say`` writes: the configured handler's formatter and file descriptor."""
+
+    formatter = NodeFormatter("")
+    stream: TextIO | None = None
+    fd: int | None = None
+    configured = False  # before configure_logging: every level, to stdout
+
+
+def _fileno(stream: TextIO) -> int | None:
+    try:
+        return stream.fileno()
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError
+        return None
+
+
+def say(message: str, level: int = logging.INFO, *, name: str = "blf.node") -> None:
+    """Write ``message`` (each of its lines) in the node format where the log goes, with
+    one ``os.write`` per line: safe inside a signal handler, unlike a logging call."""
+    if _Sink.configured and not logging.getLogger(name).isEnabledFor(level):
+        return
+    for text in message.strip().splitlines():
+        if not text.strip():
+            continue
+        record = logging.LogRecord(name, level, __file__, 0, text, None, None)
+        line = _Sink.formatter.format(record) + "\n"
+        fd = _Sink.fd if _Sink.configured else _fileno(sys.stdout)
+        try:
+            if fd is not None:
+                os.write(fd, line.encode("utf-8", "replace"))
+            else:  # a stream without a descriptor (a test's capture): not a signal's path
+                stream = _Sink.stream or sys.stdout
+                stream.write(line)
+                stream.flush()
+        except (OSError, ValueError, RuntimeError):
+            return  # a message lost must never break the shutdown that said it
+
+
+def _celery_say(msg: str, f: object = None) -> None:
+    """``celery.apps.worker.safe_say``'s stand-in; ``f`` (its stream) is ignored: the
+    node's lines all go where its log goes."""
+    level = logging.INFO if "Warm shutdown" in msg else logging.WARNING
+    say(msg, level, name="celery.worker")
+
+
+def _route_celery_console() -> None:
+    # Only once Celery's worker module is loaded (a worker imports it before Celery sends
+    # setup_logging, which calls configure_logging): the node's other processes need not
+    # import it.
+    module = sys.modules.get("celery.apps.worker")
+    if module is not None and getattr(module, "safe_say", None) is not _celery_say:
+        module.safe_say = _celery_say  # type: ignore[attr-defined]
+
+
 def configure_logging(address: str, level: str = "INFO") -> None:
-    """Route every logger (root included, so Celery's too) to stdout in the node format."""
+    """Route every logger (root included, so Celery's too) to stdout in the node format,
+    and the messages Celery's worker prints from its signal handlers too."""
+    formatter = NodeFormatter(address)
     handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(NodeFormatter(address))
+    handler.setFormatter(formatter)
+    _Sink.formatter, _Sink.stream, _Sink.fd = formatter, sys.stdout, _fileno(sys.stdout)
+    _Sink.configured = True
+    _route_celery_console()
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
+import threading
+from types import FrameType
+from typing import Any
 
 import click
 
+from blf.cli.common import load_with_warnings
 from blf.config import LoadedConfig
 from blf.errors import ConfigError
-from blf.logging import configure_logging, warn_if_root
+from blf.logging import configure_logging, say, warn_if_root
 
 NO_ATTESTATION = "Error: No attestation found. Run `blindference-node attest` first."
 
@@ -21,8 +26,6 @@ def register(cli: click.Group) -> None:
 
 
 def _loaded() -> LoadedConfig:
-    from blf.cli.node import load_with_warnings
-
     return load_with_warnings()
 
 
@@ -35,26 +38,66 @@ def _require_broker(loaded: LoadedConfig) -> None:
         )
 
 
+# The signals that stop `run` gracefully: blf.supervisor.STOP_SIGNALS (not imported from
+# there: that module's imports are the slow part of the start this must cover).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def _catch_stop_signals(stop: threading.Event) -> dict[int, Any]:
+    """Until the supervisor runs nothing has started (no lock, no Redis, no child, no
+    heartbeat), so a stop request ends the process at once, with status 0: by SystemExit,
+    which lets a password prompt restore the terminal. Python drops an exception raised
+    where it cannot propagate (a signal handled inside a weakref callback of the import
+    machinery, say), so ``stop`` is set too: `run` checks it before the supervisor starts,
+    and the supervisor, handed the same event, at its first step."""
+
+    def stop_before_start(signum: int, _frame: FrameType | None) -> None:
+        if not stop.is_set():
+            stop.set()
+            say(f"Stopped by {signal.Signals(signum).name} before the node started")
+        raise SystemExit(0)
+
+    return {signum: signal.signal(signum, stop_before_start) for signum in STOP_SIGNALS}
+
+
 @click.command()
 def run() -> None:
     """Run the node: embedded Redis (unless broker_url is set), beat (heartbeat 60 s,
-    poller 5 s, watchdog 10 min, on-chain heartbeat 10 days), a control worker and an
-    inference worker. SIGINT/SIGTERM stop it gracefully: no new assignments, running jobs
-    finish (up to shutdown_timeout_s), a final heartbeat, then exit 0."""
-    from blf.node import open_node
-    from blf.readiness import check_servable
-    from blf.supervisor import Supervisor
-    from blf.wallet import read_password
+    poller 5 s, watchdog 10 min, on-chain heartbeat 10 days), a control worker, an
+    inference worker and the metrics endpoint (metrics_port; 0 takes a free one; a port
+    in use is a warning, not a failure). SIGINT/SIGTERM stop it gracefully: no new
+    assignments, running jobs finish (up to shutdown_timeout_s), a final heartbeat, then
+    exit 0. A stop before the node is up exits 0 at once, with no heartbeat sent (the
+    final heartbeat follows only a first one)."""
+    # First of all, before the slow imports and the keystore's unlocking: a SIGTERM that
+    # systemd or a test sends during the start must not kill the process (status 143).
+    stop = threading.Event()
+    previous = _catch_stop_signals(stop)
+    try:
+        from blf.node import open_node
+        from blf.readiness import check_servable
+        from blf.supervisor import Supervisor
+        from blf.wallet import read_password
 
-    loaded = _loaded()
-    if not loaded.settings.attested:
-        click.echo(NO_ATTESTATION, err=True)
-        sys.exit(1)
-    check_servable(loaded.settings)
-    password = read_password()
-    node = open_node(loaded, password=password)
-    configure_logging(node.address, loaded.settings.log_level)
-    sys.exit(Supervisor(node=node, password=password).run())
+        loaded = _loaded()
+        if not loaded.settings.attested:
+            click.echo(NO_ATTESTATION, err=True)
+            sys.exit(1)
+        configure_logging(loaded.settings.node_address, loaded.settings.log_level)
+        check_servable(loaded.settings)
+        password = read_password()
+        node = open_node(loaded, password=password)
+        configure_logging(node.address, loaded.settings.log_level)
+        if stop.is_set():
+            raise SystemExit(0)
+    except BaseException:
+        if not stop.is_set():  # a refusal (or a test calling `run` in-process)
+            for signum, handler in previous.items():
+                if handler is not None:  # None: set outside Python, cannot be put back
+                    signal.signal(signum, handler)
+        raise
+    # Supervisor.run installs its own handlers before it starts anything.
+    sys.exit(Supervisor(node=node, password=password, stop_requested=stop).run())
 
 
 @click.command()
@@ -153,20 +196,64 @@ def beat() -> None:
     app.Beat(loglevel=settings.log_level, quiet=True).run()
 
 
+FLOWER_LOGIN_ENV = "FLOWER_BASIC_AUTH"  # Flower reads its options from FLOWER_* variables
+
+
+def _flower_logins(value: str) -> str:
+    """Flower's basic-auth value checked: ``user:password``, several comma-separated (the
+    value itself is never echoed: it holds passwords)."""
+    for entry in value.split(","):
+        user, colon, password = entry.partition(":")
+        if not (colon and user.strip() and password):
+            raise click.ClickException(
+                f"--basic-auth ({FLOWER_LOGIN_ENV}) must be user:password, several separated "
+                "by commas; an entry has no user or no password"
+            )
+    return value
+
+
 @click.command()
 @click.option("--port", default=5555, show_default=True, type=int, help="Port for the web UI.")
-@click.option("--address", default="127.0.0.1", show_default=True, help="Address to bind.")
-def flower(port: int, address: str) -> None:
+@click.option(
+    "--address",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address to bind; beyond loopback only with a login (--basic-auth).",
+)
+@click.option(
+    "--basic-auth",
+    "logins",
+    envvar=FLOWER_LOGIN_ENV,
+    show_envvar=True,
+    default=None,
+    help="Flower's login, user:password (several: comma-separated). Prefer the variable: "
+    "a command line is readable by every local user.",
+)
+def flower(port: int, address: str, logins: str | None) -> None:
     """Monitor this node's workers and tasks in Flower (a web UI).
 
     Uses broker_url, or the embedded Redis of a running `run` in this node directory.
+    Listens on loopback unless told otherwise; any other address needs a login, since
+    Flower can revoke tasks and shut workers down. Tasks show the job and role as their
+    arguments, never the sealed keys or tokens they carry.
     """
     from blf.broker import node_broker
     from blf.children import child_env
+    from blf.metrics import is_loopback
 
+    if logins:
+        _flower_logins(logins)
+    elif not is_loopback(address):
+        raise click.ClickException(
+            f"Flower on {address or 'every address'} would be open to the network without a "
+            f"login: set {FLOWER_LOGIN_ENV}=user:password (or --basic-auth), or bind 127.0.0.1"
+        )
     loaded = _loaded()
     broker = node_broker(loaded.settings.broker_url, loaded.directory)
     env = child_env(BLF_CONFIG_PATH=str(loaded.path), BLF_BROKER_URL=broker.celery)
+    env.pop(FLOWER_LOGIN_ENV, None)  # an empty one would give Flower a login of ""
+    if logins:
+        env[FLOWER_LOGIN_ENV] = logins  # in Flower's environment, not on its command line
     command = [sys.executable, "-m", "celery", "-A", "blf.app", "flower"]
     command += [f"--port={port}", f"--address={address}"]
     os.execve(sys.executable, command, env)

@@ -120,6 +120,8 @@ class LocalNetwork:
             "BLF_SUPPORTED_MODEL_IDS": self.model,
             "BLF_MODEL_BACKENDS": json.dumps({self.model: "mock"}),
             "BLF_POLL_INTERVAL_S": "1",
+            # Several nodes share this machine: each metrics endpoint takes a free port.
+            "BLF_METRICS_PORT": "0",
         }
 
     def _prepare(self, node: LocalNode) -> None:
