@@ -1,3 +1,3 @@
-from blf.cli import main
+from blf.entry import main
 
 main()

@@ -71,8 +71,12 @@ def run() -> None:
     final heartbeat follows only a first one)."""
     # First of all, before the slow imports and the keystore's unlocking: a SIGTERM that
     # systemd or a test sends during the start must not kill the process (status 143).
+    from blf.entry import STOPPED_EARLY
+
     stop = threading.Event()
     previous = _catch_stop_signals(stop)
+    if STOPPED_EARLY.is_set():  # a signal before this command ran: see blf.entry
+        raise SystemExit(0)
     try:
         from blf.node import open_node
         from blf.readiness import check_servable
