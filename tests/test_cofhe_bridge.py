@@ -45,14 +45,21 @@ def _bridge(
     )
 
 
+def _funded(anvil: AnvilNode) -> LocalAccount:
+    # Fresh accounts: the dev accounts' nonces belong to the chain tests that count them.
+    account = Account.create()
+    anvil.rpc("anvil_setBalance", account.address, hex(10**20))
+    return account
+
+
 @pytest.fixture
 def user(anvil: AnvilNode) -> LocalAccount:
-    return anvil.accounts[1]
+    return _funded(anvil)
 
 
 @pytest.fixture
 def node_account(anvil: AnvilNode) -> LocalAccount:
-    return anvil.accounts[2]
+    return _funded(anvil)
 
 
 @pytest.fixture
