@@ -22,7 +22,9 @@ def _entry(task: str, every_s: float, queue: str) -> dict[str, Any]:
     return {
         "task": task,
         "schedule": timedelta(seconds=every_s),
-        "options": {"expires": every_s, "queue": queue},
+        # Beat sends by name (it imports no task module), so it cannot know that the duties
+        # ignore their results: said here, or it would wait on a result channel for each.
+        "options": {"expires": every_s, "queue": queue, "ignore_result": True},
     }
 
 

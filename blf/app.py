@@ -11,13 +11,15 @@ Redis never see each other's queues, locks, schedule or job state.
 
 from __future__ import annotations
 
+import gc
 import logging
 from datetime import timedelta
+from functools import cached_property
 from typing import Any
 from urllib.parse import unquote, urlsplit, urlunsplit
 
 from celery import Celery
-from celery.signals import setup_logging
+from celery.signals import beat_init, setup_logging, worker_ready
 
 import beat_schedule
 from blf.broker import broker_urls
@@ -38,7 +40,53 @@ __all__ = [
 
 log = logging.getLogger("blf.app")
 
-app = Celery("blf", set_as_current=False)
+# Seconds between a worker's ``worker-heartbeat`` events (Celery's default is 2). Only
+# Flower reads them (it shows a worker offline two intervals after its last one); the
+# poller learns which workers serve a model from blf.capacity, and the ICL heartbeat is a
+# task of its own. Every event is a wake-up of the worker and a PUBLISH to Redis.
+WORKER_EVENT_HEARTBEAT_S = 30.0
+# Seconds an idle worker's BRPOP waits on Redis before it is sent again (kombu's default
+# is 1). A message ends the wait at once, so this costs no latency; it only saves the
+# worker and Redis a round trip every second. Workers only: kombu also sleeps this long
+# after an empty read when it consumes without an event loop (Flower's event receiver).
+WORKER_BRPOP_TIMEOUT_S = 10
+
+
+class NodeCelery(Celery):
+    """The node's Celery app: beat without the task modules, workers that wake less.
+
+    * ``Beat`` (``blindference-node beat``, ``celery -A blf.app beat``) skips importing the
+      ``include`` modules: it sends each duty by name (``send_task``), so it never loads
+      the control tasks and with them the ICL client, the wallet and CoFHE (their memory,
+      and no operator-side code in a process that needs none). Messages are still signed:
+      that is ``blf.authority``'s publish hook, which the beat command installs.
+    * ``Worker`` sends its event heartbeat every ``WORKER_EVENT_HEARTBEAT_S`` unless
+      told otherwise (``heartbeat_interval``), and its idle BRPOP waits
+      ``WORKER_BRPOP_TIMEOUT_S`` (kombu's ``polling_interval``).
+    """
+
+    @cached_property
+    def Beat(self) -> Any:  # Celery's attribute name
+        return self.subclass_with_self("blf.scheduler:NodeBeat")
+
+    @cached_property
+    def Worker(self) -> Any:  # Celery's attribute name
+        from celery.apps.worker import Worker  # workers only: beat and the CLI skip it
+
+        class NodeWorker(Worker):
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                if kwargs.get("heartbeat_interval") is None:
+                    kwargs["heartbeat_interval"] = WORKER_EVENT_HEARTBEAT_S
+                # Read when the worker opens its connections, all of them in this process.
+                options = dict(self.app.conf.broker_transport_options or {})
+                options.setdefault("polling_interval", WORKER_BRPOP_TIMEOUT_S)
+                self.app.conf.broker_transport_options = options
+                super().__init__(*args, **kwargs)
+
+        return self.subclass_with_self(NodeWorker)
+
+
+app = NodeCelery("blf", set_as_current=False)
 
 # Tasks that speak for the operator identity (ICL, chain, CoFHE): control machine only.
 CONTROL_TASKS = (
@@ -207,6 +255,20 @@ def settings_with_address(loaded: LoadedConfig) -> Settings:
 def _use_node_log_format(**_: Any) -> None:
     # Connected, so Celery leaves logging alone and its lines use the node's format too.
     configure_logging(app.conf.get("blf_address", ""), app.conf.get("blf_log_level", "INFO"))
+
+
+@worker_ready.connect
+@beat_init.connect
+def _freeze_startup_objects(**_: Any) -> None:
+    """Keep the garbage collector off what start-up built (modules, classes, the app).
+
+    An idle node allocates a little on every tick; every few tens of seconds that makes
+    CPython's collector walk the whole heap of a process, tens of ms each time for a worker or
+    beat, which was most of their idle CPU. ``gc.freeze`` moves what exists now into a
+    permanent generation that collections skip (garbage first, so none is kept).
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def _configure_from_environment() -> None:

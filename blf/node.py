@@ -12,8 +12,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from eth_account.signers.local import LocalAccount
 from eth_utils import to_checksum_address
 
 from blf.attestation import BACKENDS, mock_key, mock_quote, runtime_hash
@@ -22,6 +22,9 @@ from blf.config import LoadedConfig, Settings, load_config, update_config_file
 from blf.errors import AttestationError, ChainError, IclStatusError, WalletError
 from blf.icl import DEFAULT_RETRY, AttestationRequest, Certificate, IclClient, Retry
 from blf.wallet import load_account, read_password
+
+if TYPE_CHECKING:
+    from eth_account.signers.local import LocalAccount
 
 __all__ = ["Node", "open_node"]
 

@@ -299,9 +299,10 @@ class Supervisor:
             return child
         if role == "inference":
             command = [sys.executable, "-m", "workers.gpu"]  # the key-free entry point
+        elif role == "beat":
+            command = [sys.executable, "-m", "blf.scheduler"]  # beat without the CLI's imports
         else:
-            command = [sys.executable, "-m", "blf"]
-            command += ["beat"] if role == "beat" else ["worker", "--role", role]
+            command = [sys.executable, "-m", "blf", "worker", "--role", role]
         if role == "control":
             command.append("--password-stdin")
         process = spawn(command, env=env, stdin=subprocess.PIPE)

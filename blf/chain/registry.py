@@ -11,14 +11,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from eth_account.signers.local import LocalAccount
+from eth_utils import to_checksum_address
 from pydantic import BaseModel, ConfigDict
-from web3 import Web3
 
 from blf.chain.tx import ZERO_ADDRESS, TxClient, TxResult, _hex, checksum
 from blf.errors import ChainError
+
+if TYPE_CHECKING:
+    from eth_account.signers.local import LocalAccount
 
 __all__ = ["NODE_REGISTRY_ABI", "ChainClient", "ChainNodeStatus", "HeartbeatOutcome", "NodeRecord"]
 
@@ -280,7 +282,7 @@ class ChainClient(TxClient):
 def _node_record(raw: Sequence[Any]) -> NodeRecord:
     operator, tier, att_hash, registered_at, last_hb, expires, active, models, stake = raw
     return NodeRecord(
-        operator=Web3.to_checksum_address(operator),
+        operator=to_checksum_address(operator),
         tier=int(tier),
         attestation_hash=_hex(att_hash),
         registered_at=int(registered_at),

@@ -13,14 +13,16 @@ from __future__ import annotations
 import logging
 from decimal import Decimal, InvalidOperation, localcontext
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from eth_account.signers.local import LocalAccount
 from pydantic import BaseModel, ConfigDict
-from web3.contract import Contract
 
 from blf.chain.tx import TxClient, TxResult, checksum
 from blf.errors import StakeAmountError, UnbondingError
+
+if TYPE_CHECKING:
+    from eth_account.signers.local import LocalAccount
+    from web3.contract import Contract
 
 __all__ = [
     "BLIND_ABI",

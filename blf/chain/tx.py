@@ -7,6 +7,10 @@ transaction to recover its reason. With a `pending_path` it also journals every 
 transaction before sending it, so a retry after a dropped or unconfirmed transaction
 resends the same signed bytes (same nonce: it can land at most once) instead of signing a
 second one.
+
+web3 is imported when a client is built, not with this module: the node's processes that
+never talk to the chain (beat, the GPU side, a control worker without ``rpc_url``) then
+never load it (about 15 MiB and 0.3 s each).
 """
 
 from __future__ import annotations
@@ -19,27 +23,12 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
 import requests
-from eth_abi import decode as abi_decode
-from eth_abi.exceptions import DecodingError
-from eth_account.signers.local import LocalAccount
-from eth_typing import ChecksumAddress
-from hexbytes import HexBytes
+from eth_utils import is_address, keccak, to_checksum_address
 from pydantic import BaseModel, ConfigDict
-from web3 import Web3
-from web3.contract import Contract
-from web3.exceptions import (
-    BadFunctionCallOutput,
-    BadResponseFormat,
-    ContractLogicError,
-    ProviderConnectionError,
-    TimeExhausted,
-    TransactionNotFound,
-    Web3RPCError,
-)
 
 from blf.chain.pending import PendingJournal, PendingTx
 from blf.errors import (
@@ -50,6 +39,12 @@ from blf.errors import (
     PendingTransactionError,
 )
 from blf.redact import display_url
+
+if TYPE_CHECKING:
+    from eth_account.signers.local import LocalAccount
+    from eth_typing import ChecksumAddress
+    from web3.contract import Contract
+    from web3.exceptions import ContractLogicError, Web3RPCError
 
 __all__ = ["FeeQuote", "TxClient", "TxResult"]
 
@@ -118,13 +113,15 @@ class TxClient:
         timeout_s: float = 30.0,
         receipt_timeout_s: float = 120.0,
     ) -> None:
-        if not Web3.is_address(contract_address):
+        from web3 import Web3
+
+        if not is_address(contract_address):
             raise ChainError(f"invalid {self.contract_name} address {contract_address!r}")
         if max_fee_gwei <= 0:
             raise ChainError(f"max fee cap must be positive, got {max_fee_gwei} gwei")
         self.rpc_url = rpc_url
         self.chain_id = chain_id
-        self.contract_address = Web3.to_checksum_address(contract_address)
+        self.contract_address = to_checksum_address(contract_address)
         self.account = account
         self.max_fee_wei = int(Decimal(str(max_fee_gwei)) * GWEI)
         self.receipt_timeout_s = receipt_timeout_s
@@ -265,6 +262,9 @@ class TxClient:
         return self._await_receipt(label, record.tx_hash, record.nonce, sender, to, data, value)
 
     def _receipt_or_none(self, tx_hash: str) -> Any:
+        from hexbytes import HexBytes
+        from web3.exceptions import TransactionNotFound
+
         try:
             with self._rpc("eth_getTransactionReceipt"):
                 return self._w3.eth.get_transaction_receipt(HexBytes(tx_hash))
@@ -278,6 +278,9 @@ class TxClient:
 
     def _rebroadcast(self, record: PendingTx) -> None:
         """Send the journalled bytes again; a node that still holds them says so."""
+        from hexbytes import HexBytes
+        from web3.exceptions import Web3RPCError
+
         try:
             with self._rpc("eth_sendRawTransaction"):
                 self._w3.eth.send_raw_transaction(HexBytes(record.raw))
@@ -299,6 +302,8 @@ class TxClient:
     def _estimate_gas(self, label: str, to: str, sender: str, data: str, value: int) -> int:
         # No fee fields: with them a node checks the balance and reports "out of gas" for
         # an unfunded sender, hiding the revert reason and the real funding problem.
+        from web3.exceptions import ContractLogicError
+
         tx: Any = {"from": sender, "to": to, "data": data, "value": value}
         try:
             with self._rpc(f"{label} gas estimate"):
@@ -342,7 +347,7 @@ class TxClient:
                 "maxPriorityFeePerGas": fees.max_priority_fee,
             }
             raw = bytes(account.sign_transaction(tx).raw_transaction)
-            tx_hash = _hex(Web3.keccak(raw))
+            tx_hash = _hex(keccak(raw))
             if self._pending is not None:
                 # Journalled before it can be mined, so no crash leaves it unaccounted for.
                 self._pending.put(
@@ -370,6 +375,8 @@ class TxClient:
     def _handle_send_error(
         self, err: ChainError, tx_hash: str, nonce: int, sender: str
     ) -> tuple[str, int] | None:
+        from web3.exceptions import Web3RPCError
+
         cause = err.__cause__
         if not isinstance(cause, Web3RPCError):
             raise err
@@ -394,6 +401,9 @@ class TxClient:
         data: str,
         value: int,
     ) -> TxResult:
+        from hexbytes import HexBytes
+        from web3.exceptions import TimeExhausted
+
         try:
             with self._rpc("eth_getTransactionReceipt"):
                 receipt = self._w3.eth.wait_for_transaction_receipt(
@@ -428,6 +438,8 @@ class TxClient:
         """A receipt carries no reason: replay the call on the state the block left."""
         # The block's state includes whatever earlier transaction in it made ours fail
         # (the usual case: a concurrent registration), so that is where the revert repeats.
+        from web3.exceptions import ContractLogicError
+
         call: Any = {"from": sender, "to": to, "data": data, "value": value}
         try:
             with self._rpc("eth_call replay"):
@@ -451,6 +463,8 @@ class TxClient:
         return self.account
 
     def _suggested_priority_fee(self) -> int:
+        from web3.exceptions import Web3RPCError
+
         try:
             with self._rpc("eth_maxPriorityFeePerGas"):
                 return int(self._w3.eth.max_priority_fee)
@@ -477,6 +491,15 @@ class TxClient:
     @contextmanager
     def _rpc(self, what: str) -> Iterator[None]:
         """Turn transport and node errors into one-line `ChainError`s naming the URL."""
+        from web3.exceptions import (
+            BadFunctionCallOutput,
+            BadResponseFormat,
+            ContractLogicError,
+            ProviderConnectionError,
+            TransactionNotFound,
+            Web3RPCError,
+        )
+
         try:
             yield
         except (ContractLogicError, TransactionNotFound):
@@ -505,9 +528,9 @@ class TxClient:
 
 
 def checksum(address: str) -> ChecksumAddress:
-    if not Web3.is_address(address):
+    if not is_address(address):
         raise ChainError(f"invalid address {address!r}")
-    return Web3.to_checksum_address(address)
+    return to_checksum_address(address)
 
 
 def _hex(value: bytes) -> str:
@@ -587,7 +610,7 @@ def custom_errors(abi: Sequence[dict[str, Any]]) -> CustomErrors:
         if entry.get("type") != "error":
             continue
         types = [str(arg["type"]) for arg in entry.get("inputs", [])]
-        selector = _hex(Web3.keccak(text=f"{entry['name']}({','.join(types)})")[:4])
+        selector = _hex(keccak(text=f"{entry['name']}({','.join(types)})")[:4])
         found[selector] = (str(entry["name"]), types)
     return found
 
@@ -607,6 +630,9 @@ def _reason_text(err: ContractLogicError, errors: CustomErrors | None = None) ->
 
 def _custom_error_text(data: str, errors: CustomErrors) -> str:
     """`ERC20InsufficientBalance(0x…, 0, 1000)` for a known selector, else the selector."""
+    from eth_abi import decode as abi_decode
+    from eth_abi.exceptions import DecodingError
+
     known = errors.get(data[:10].lower())
     if known is None:
         return f"custom error {data[:10]}"

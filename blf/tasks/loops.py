@@ -3,6 +3,12 @@
 Periodic tasks ack early and ignore results: a lost tick is replaced by the next one, and
 each beat entry expires after one period so ticks never pile up behind a slow ICL. None
 of them raises: a failure is logged and the next tick tries again.
+
+An ICL outage is logged in three kinds of line, not one per tick (720 an hour for the
+poller): its first failure, a summary at most once a minute while it lasts ("ICL
+unreachable for 3m: 36 polls failed, last: ..."), and its end ("ICL reachable again
+after 4m (48 polls failed)"). The outage's record lives in Redis, so the pool's threads,
+and every control worker of the node, share one outage and one set of lines.
 """
 
 from __future__ import annotations
@@ -10,10 +16,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from typing import Any
 
+import redis
 from celery.signals import worker_shutting_down
 from redis.exceptions import LockError
 
@@ -30,6 +37,7 @@ from blf.tasks.jobs import start_job
 from blf.tasks.steps import ttl
 
 __all__ = [
+    "OutageLog",
     "attestation_watchdog",
     "chain_heartbeat",
     "icl_heartbeat",
@@ -49,7 +57,9 @@ CHAIN_LOCK_S = 300  # longer than a heartbeat transaction takes to be mined
 SWEEP_GRACE_S = 60  # past a job's deadline, before the sweep calls it failed
 SWEEP_SCAN = 1000  # most recently updated jobs the sweep looks at
 
-periodic = app.task(base=ControlTask, acks_late=False, ignore_result=True)
+# No task events: the ticks (over 800 an hour) would bury the jobs in Flower, and each
+# costs the worker three publishes; the log, the journal and the metrics tell of them.
+periodic = app.task(base=ControlTask, acks_late=False, ignore_result=True, send_events=False)
 
 # Set when this worker begins a warm shutdown: a poll tick already fetched from the queue
 # must not take on new jobs while the node is stopping.
@@ -78,14 +88,131 @@ def _exclusive(name: str, ttl_s: float) -> Iterator[bool]:
                 lock.release()
 
 
+# --- outages: one line when it starts, one a minute while it lasts, one when it ends -----
+
+# Seconds between two summaries of one outage.
+OUTAGE_SUMMARY_S = 60.0
+# An outage record no failure has renewed for this long is over (the node was stopped
+# meanwhile, say): the next failure starts a new outage instead of extending it.
+OUTAGE_FORGET_S = 900
+
+# KEYS[1]: the record. ARGV: now, OUTAGE_SUMMARY_S, OUTAGE_FORGET_S.
+# Returns {what to log ("first", "summary" or ""), failures so far, since}.
+_FAILED = """
+local first = redis.call('HSETNX', KEYS[1], 'since', ARGV[1])
+local count = redis.call('HINCRBY', KEYS[1], 'count', 1)
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+if first == 1 then
+  redis.call('HSET', KEYS[1], 'logged', ARGV[1])
+  return {'first', count, ARGV[1]}
+end
+local since = redis.call('HGET', KEYS[1], 'since')
+local logged = tonumber(redis.call('HGET', KEYS[1], 'logged') or since)
+if tonumber(ARGV[1]) - logged >= tonumber(ARGV[2]) then
+  redis.call('HSET', KEYS[1], 'logged', ARGV[1])
+  return {'summary', count, since}
+end
+return {'', count, since}
+"""
+
+# KEYS[1]: the record. Returns {failures, since} of the outage it ends, or nothing.
+_SUCCEEDED = """
+local record = redis.call('HMGET', KEYS[1], 'count', 'since')
+if not record[2] then return false end
+redis.call('DEL', KEYS[1])
+return record
+"""
+
+
+def _span(seconds: float) -> str:
+    """``45s``, ``3m``, ``2h 5m``: an outage's length, as the summaries say it."""
+    seconds = max(int(seconds), 0)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m"
+    return f"{seconds // 3600}h {seconds % 3600 // 60}m"
+
+
+class OutageLog:
+    """The log of one kind of ICL call (the poll, the heartbeat) while it keeps failing.
+
+    ``failed`` logs the first failure of an outage as a WARNING (``first``, with the
+    error), then at most one summary per ``OUTAGE_SUMMARY_S``; ``succeeded`` logs the end
+    of an outage, if there was one. Each is one atomic Redis script on the node's record,
+    so threads and processes racing on the same outage log each line once. Without Redis
+    every failure is logged, as before.
+    """
+
+    def __init__(
+        self, name: str, *, first: str, call: str, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.name = name
+        self.first = first  # the first failure's line, with %s for the error
+        self.call = call  # what failed: "poll", "heartbeat"
+        self.clock = clock
+
+    def _calls(self, count: int) -> str:
+        return f"{count} {self.call}{'' if count == 1 else 's'}"
+
+    def _run(self, script: str, *args: Any) -> Any:
+        # EVALSHA: the script's text crosses the socket only the first time.
+        run = runtime.redis_client().register_script(script)
+        return run(keys=[_key("outage", self.name)], args=args)
+
+    def failed(self, exc: BaseException) -> None:
+        now = self.clock()
+        try:
+            kind, count, since = self._run(_FAILED, repr(now), OUTAGE_SUMMARY_S, OUTAGE_FORGET_S)
+        except redis.RedisError:
+            log.warning(self.first, exc)
+            return
+        if kind == "first":
+            log.warning(self.first, exc)
+        elif kind == "summary":
+            log.warning(
+                "ICL unreachable for %s: %s failed, last: %s",
+                _span(now - float(since)),
+                self._calls(int(count)),
+                exc,
+            )
+
+    def succeeded(self) -> None:
+        try:
+            ended = self._run(_SUCCEEDED)
+        except redis.RedisError:
+            return
+        if ended:
+            count, since = ended
+            log.info(
+                "ICL reachable again after %s (%s failed)",
+                _span(self.clock() - float(since)),
+                self._calls(int(count)),
+            )
+
+
+HEARTBEAT_OUTAGE = OutageLog("heartbeat", first="Heartbeat failed: %s", call="heartbeat")
+POLL_OUTAGE = OutageLog("poll", first="Assignment poll failed: %s", call="poll")
+
+
 @periodic
 def icl_heartbeat() -> None:
     try:
         runtime.icl().heartbeat()
     except BlfError as exc:
-        log.warning("Heartbeat failed: %s", exc)
+        HEARTBEAT_OUTAGE.failed(exc)
         return
+    HEARTBEAT_OUTAGE.succeeded()
     log.info("Heartbeat sent to ICL")
+    _note_heartbeat("icl")
+
+
+def _note_heartbeat(kind: str, at: float | None = None) -> None:
+    """For the metrics endpoint's heartbeat ages; a Redis blip costs only the note."""
+    from blf.metrics import note_heartbeat  # with prometheus_client: only when needed
+
+    with suppress(redis.RedisError):
+        note_heartbeat(runtime.redis_client(), runtime.node().address, kind, at=at)
 
 
 @periodic
@@ -95,15 +222,16 @@ def poll_assignments() -> None:
     try:
         assignments = _fetch_assignments()
     except BlfError as exc:
-        log.warning("Assignment poll failed: %s", exc)
+        POLL_OUTAGE.failed(exc)
         return
+    POLL_OUTAGE.succeeded()
     fresh = [a for a in assignments if _servable(a) and _mark_pending(a)]
-    redis = runtime.redis_client()
+    client = runtime.redis_client()
     if not fresh:
-        if redis.set(_key("quiet"), "1", nx=True, ex=QUIET_LOG_S):
+        if client.set(_key("quiet"), "1", nx=True, ex=QUIET_LOG_S):
             log.info("No assignments for last %ds", QUIET_LOG_S)
         return
-    redis.set(_key("quiet"), "1", ex=QUIET_LOG_S)
+    client.set(_key("quiet"), "1", ex=QUIET_LOG_S)
     log.info("Received %d assignment(s)", len(fresh))
     for assignment in fresh:
         _enqueue(assignment)
@@ -180,8 +308,8 @@ def reattest(*, stale_cert: str | None = None) -> bool:
     failure, attempts pause for a minute rather than hit the ICL on every 5 s poll.
     Returns whether the node holds a usable certificate afterwards.
     """
-    redis = runtime.redis_client()
-    if redis.exists(_key("attest-failed")):
+    client = runtime.redis_client()
+    if client.exists(_key("attest-failed")):
         return False
     node = runtime.node()
     try:
@@ -196,7 +324,7 @@ def reattest(*, stale_cert: str | None = None) -> bool:
             node.attest(icl=runtime.icl())
     except BlfError as exc:
         log.error("Attestation failed: %s", exc)
-        redis.set(_key("attest-failed"), "1", ex=REATTEST_BACKOFF_S)
+        client.set(_key("attest-failed"), "1", ex=REATTEST_BACKOFF_S)
         return False
     return True
 
@@ -235,8 +363,11 @@ def chain_heartbeat() -> None:
         )
     elif outcome.status == "sent":
         log.info("On-chain heartbeat sent (tx %s)", outcome.tx_hash)
+        _note_heartbeat("chain", at=time.time())
     else:
         log.debug("On-chain heartbeat not due for %ss", outcome.seconds_until_due)
+        if outcome.last_heartbeat is not None:
+            _note_heartbeat("chain", at=outcome.last_heartbeat)
 
 
 @periodic
