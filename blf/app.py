@@ -45,11 +45,6 @@ log = logging.getLogger("blf.app")
 # poller learns which workers serve a model from blf.capacity, and the ICL heartbeat is a
 # task of its own. Every event is a wake-up of the worker and a PUBLISH to Redis.
 WORKER_EVENT_HEARTBEAT_S = 30.0
-# Seconds an idle worker's BRPOP waits on Redis before it is sent again (kombu's default
-# is 1). A message ends the wait at once, so this costs no latency; it only saves the
-# worker and Redis a round trip every second. Workers only: kombu also sleeps this long
-# after an empty read when it consumes without an event loop (Flower's event receiver).
-WORKER_BRPOP_TIMEOUT_S = 10
 
 
 class NodeCelery(Celery):
@@ -61,8 +56,8 @@ class NodeCelery(Celery):
       and no operator-side code in a process that needs none). Messages are still signed:
       that is ``blf.authority``'s publish hook, which the beat command installs.
     * ``Worker`` sends its event heartbeat every ``WORKER_EVENT_HEARTBEAT_S`` unless
-      told otherwise (``heartbeat_interval``), and its idle BRPOP waits
-      ``WORKER_BRPOP_TIMEOUT_S`` (kombu's ``polling_interval``).
+      told otherwise (``heartbeat_interval``). Its idle BRPOP keeps kombu's 1 s: a longer
+      one (10 s was tried) holds a warm shutdown up to that long per worker.
     """
 
     @cached_property
@@ -77,10 +72,6 @@ class NodeCelery(Celery):
             def __init__(self, *args: Any, **kwargs: Any) -> None:
                 if kwargs.get("heartbeat_interval") is None:
                     kwargs["heartbeat_interval"] = WORKER_EVENT_HEARTBEAT_S
-                # Read when the worker opens its connections, all of them in this process.
-                options = dict(self.app.conf.broker_transport_options or {})
-                options.setdefault("polling_interval", WORKER_BRPOP_TIMEOUT_S)
-                self.app.conf.broker_transport_options = options
                 super().__init__(*args, **kwargs)
 
         return self.subclass_with_self(NodeWorker)
