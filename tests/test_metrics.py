@@ -7,7 +7,6 @@ import re
 import signal
 import socket
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -56,13 +55,6 @@ def names(samples: Samples) -> set[str]:
 @pytest.fixture
 def node(devnet: DevnetIcl) -> NodeDir:
     return make_node(devnet.url, models=f"{MODEL},{IDLE}")
-
-
-@pytest.fixture
-def client(shared_redis: EmbeddedRedis) -> Iterator[redis.Redis]:
-    connection = redis.Redis.from_url(shared_redis.urls.redis, decode_responses=True)
-    yield connection
-    connection.close()
 
 
 def endpoint(

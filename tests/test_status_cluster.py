@@ -47,13 +47,6 @@ def node(devnet: DevnetIcl) -> NodeDir:
 
 
 @pytest.fixture
-def client(shared_redis: EmbeddedRedis) -> Iterator[redis.Redis]:
-    connection = redis.Redis.from_url(shared_redis.urls.redis, decode_responses=True)
-    yield connection
-    connection.close()
-
-
-@pytest.fixture
 def password_redis() -> Iterator[str]:
     """A real redis-server on a TCP port that wants a password: its redis:// URL."""
     with socket.socket() as sock:
