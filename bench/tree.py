@@ -3,8 +3,8 @@
 Starts a devnet ICL in-process (as bench/startup.py does), makes an attested node serving
 one model with the mock backend in a temporary directory, starts `run`, waits for its
 first assignment poll and then ``SETTLE_S`` more seconds, and measures its whole process
-tree (the supervisor, beat, the control worker, the inference worker and anything they
-started, the embedded redis-server):
+tree (`run` itself, which hosts the control worker, beat and the metrics endpoint in
+threads; the inference worker and anything it started; the embedded redis-server):
 
   * RSS per process (``VmRSS`` in /proc/<pid>/status) and their sum, which counts pages
     shared between processes once per process (the figure the issue quotes); PSS
@@ -118,7 +118,7 @@ def _role(pid: int, parent_role: str | None) -> str:
     if " metrics" in line:
         return "metrics"
     if " run" in line and parent_role is None:
-        return "supervisor"
+        return "run (control side)"
     return f"child of {parent_role}" if parent_role else line[:40]
 
 

@@ -56,8 +56,10 @@ class NodeCelery(Celery):
       and no operator-side code in a process that needs none). Messages are still signed:
       that is ``blf.authority``'s publish hook, which the beat command installs.
     * ``Worker`` sends its event heartbeat every ``WORKER_EVENT_HEARTBEAT_S`` unless
-      told otherwise (``heartbeat_interval``). Its idle BRPOP keeps kombu's 1 s: a longer
-      one (10 s was tried) holds a warm shutdown up to that long per worker.
+      told otherwise (``heartbeat_interval``); ``embedded=True`` leaves the process's
+      signal handlers and title alone (`run` hosts its control worker in a thread). Its
+      idle BRPOP keeps kombu's 1 s: a longer one (10 s was tried) holds a warm shutdown up
+      to that long per worker.
     """
 
     @cached_property
@@ -69,10 +71,20 @@ class NodeCelery(Celery):
         from celery.apps.worker import Worker  # workers only: beat and the CLI skip it
 
         class NodeWorker(Worker):
-            def __init__(self, *args: Any, **kwargs: Any) -> None:
+            def __init__(self, *args: Any, embedded: bool = False, **kwargs: Any) -> None:
+                # Embedded: a thread of a process that owns its signals and its title (the
+                # control worker inside `run`): Celery's handlers would take over `run`'s.
+                self.embedded = embedded
                 if kwargs.get("heartbeat_interval") is None:
                     kwargs["heartbeat_interval"] = WORKER_EVENT_HEARTBEAT_S
                 super().__init__(*args, **kwargs)
+
+            def install_platform_tweaks(self, worker: Any) -> None:
+                if not self.embedded:
+                    super().install_platform_tweaks(worker)
+
+            def set_process_status(self, info: str) -> Any:
+                return None if self.embedded else super().set_process_status(info)
 
         return self.subclass_with_self(NodeWorker)
 

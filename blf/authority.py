@@ -30,21 +30,26 @@ import hmac
 import json
 import logging
 import secrets
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import redis
 from celery import Task
 from celery.exceptions import Ignore
 from celery.signals import before_task_publish
 
+from blf.keyfiles import control_key
 from blf.names import node_key
 from blf.payloads import JobTicket
+
+if TYPE_CHECKING:
+    from blf.config import LoadedConfig
 
 __all__ = [
     "MAC_HEADER",
     "ControlTask",
     "Refused",
     "install_control_key",
+    "install_node_control_key",
     "issue_continuation",
     "message_mac",
     "redeem_continuation",
@@ -65,6 +70,12 @@ def install_control_key(key: bytes) -> None:
     """Sign everything this process publishes, and accept what is signed with ``key``."""
     global _control_key
     _control_key = key
+
+
+def install_node_control_key(loaded: LoadedConfig) -> None:
+    """Install the control key of the node whose config.json ``loaded`` is (made at the
+    first call): every control-side process (beat, control worker, CLI) signs with it."""
+    install_control_key(control_key(loaded.beside(loaded.settings.control_key_file)))
 
 
 def message_mac(

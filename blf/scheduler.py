@@ -75,10 +75,9 @@ def main() -> None:
     import sys
 
     from blf.app import app, configure, settings_with_address
-    from blf.authority import install_control_key
+    from blf.authority import install_node_control_key
     from blf.config import load_config
     from blf.errors import BlfError, ConfigError
-    from blf.keyfiles import control_key
     from blf.logging import configure_logging
 
     try:
@@ -93,7 +92,7 @@ def main() -> None:
             )
         settings = settings_with_address(loaded)
         configure(settings)
-        install_control_key(control_key(loaded.beside(settings.control_key_file)))
+        install_node_control_key(loaded)
     except BlfError as exc:
         print(f"Error: {exc}", file=sys.stderr)
         sys.exit(2 if isinstance(exc, ConfigError) else 1)

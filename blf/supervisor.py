@@ -1,12 +1,14 @@
-"""``blindference-node run``: the whole node on one machine, as one process group.
+"""``blindference-node run``: the whole node on one machine.
 
-The supervisor holds the unlocked key and the embedded Redis, and runs its children:
-beat, the control worker (the key reaches it by pipe), the inference worker, so
-heartbeats and polls never queue behind a long job, and the key-free metrics endpoint.
-Children run in sessions of their own and die with the supervisor, so a terminal's Ctrl+C
-reaches only the supervisor, which stops them in order: beat and metrics first (no new
-polls), then the workers, which finish their running jobs (up to ``shutdown_timeout_s``);
-then a final heartbeat, then Redis. A second signal stops everything at once.
+`run` holds the unlocked key and the embedded Redis. The control side runs in this one
+process: the control worker and beat in threads, the metrics endpoint in the thread of
+its server (each was a Python process of its own, about 55 MiB apiece; together they cost
+one). The inference worker is a child process that never holds the key, and would be on
+a GPU machine in a cluster. Children run in sessions of their own and die with `run`, so a
+terminal's Ctrl+C reaches only `run`, which stops everything in order: beat and metrics
+first (no new polls), then the workers, which finish their running jobs (up to
+``shutdown_timeout_s``); then a final heartbeat, then Redis. A second signal stops
+everything at once.
 
 A stop requested before the node is up (the first heartbeat) ends the start where it is:
 whatever had started is stopped, no heartbeat is sent, and `run` exits 0. The final
@@ -17,19 +19,17 @@ Faults the node rides out:
   * The embedded Redis dies: it is restarted on the same socket from its append-only
     file (the queues and the journal survive), up to ``REDIS_RESTARTS`` times within
     ``REDIS_RESTART_WINDOW_S``; one more death stops the node (exit 1). The workers
-    reconnect by themselves; a child that exits within ``RECOVERY_S`` of a restart (beat
+    reconnect by themselves; a role that ends within ``RECOVERY_S`` of a restart (beat
     does: RedBeat gives up on its lock) is started again, once per restart.
-  * The metrics child exits (its port is taken, say): one warning, and the node runs on
-    without it.
+  * The metrics port is taken (or metrics_host refused): one warning, and the node runs
+    on without the endpoint.
 """
 
 from __future__ import annotations
 
-import collections
 import fcntl
 import logging
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -48,8 +48,10 @@ from blf.errors import BlfError, BrokerError, CofheTransportError
 from blf.icl import DEFAULT_RETRY, Retry
 from blf.keyfiles import control_key, create_key_file
 from blf.logging import say
+from blf.metrics import MetricsServer
 from blf.node import Node
 from blf.readiness import job_warnings
+from blf.roles import ChildProcess, Role, ThreadRole
 from blf.submission import drop_leases
 
 __all__ = ["Supervisor"]
@@ -70,51 +72,25 @@ REDIS_RESTARTS = 5
 REDIS_RESTART_WINDOW_S = 600.0
 # A child that exits this soon after a Redis restart lost its connection: started again.
 RECOVERY_S = 60.0
-# Roles stopped with beat, before the workers: they run no jobs.
-FIRST_TO_STOP = ("beat", "metrics")
-
-
-@dataclass
-class Child:
-    role: str
-    process: subprocess.Popen[bytes]
-    # The Redis restart (its count) after which this child was started again, if any.
-    restarted_for: int = 0
-    # The last lines of its stderr, when captured (the metrics child's).
-    errors: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=5))
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-    def capture_stderr(self) -> None:
-        """Keep the last lines the child writes to stderr (read in a thread, so a chatty
-        child never blocks on a full pipe)."""
-        stream = self.process.stderr
-        assert stream is not None
-
-        def read() -> None:
-            for raw in stream:
-                text = raw.decode("utf-8", "replace").strip()
-                if text:
-                    self.errors.append(text)
-
-        threading.Thread(target=read, name=f"{self.role}-stderr", daemon=True).start()
-
-    def reason(self) -> str:
-        """Its exit status and, when it said why (click's ``Error: ...``), that."""
-        said = [line for line in self.errors if line.startswith("Error: ")]
-        why = f": {said[-1].removeprefix('Error: ')}" if said else ""
-        return f"exited with {self.process.returncode}{why}"
+# Stopped before the workers: it runs no jobs, and must send no new polls.
+FIRST_TO_STOP = ("beat",)
+# How often a stop that waits on the workers checks for a second signal.
+HURRY_CHECK_S = 0.2
 
 
 @dataclass
 class Supervisor:
     node: Node
-    password: str = field(repr=False)
-    children: list[Child] = field(default_factory=list)
+    children: list[Role] = field(default_factory=list)
     # Set by a stop signal (`run` hands over the event its first handler set).
     stop_requested: threading.Event = field(default_factory=threading.Event)
+    # Set by a second stop signal: stop at once.
+    hurried: threading.Event = field(default_factory=threading.Event)
+    # A role hosted in a thread did not end when stopped (a job still running in the
+    # control worker's pool, say): `run` must leave by os._exit, or Python would wait for it.
+    abandoned_threads: bool = False
     _redis: EmbeddedRedis | None = None
+    _metrics: MetricsServer | None = None
     # When the embedded Redis was restarted (monotonic seconds), newest last.
     _redis_restarts: list[float] = field(default_factory=list)
 
@@ -158,13 +134,15 @@ class Supervisor:
         if self._stopped_before_up():
             return 0
         self._heartbeat("Heartbeat sent to ICL")  # from here on, a final one follows
-        roles = ["control", "inference", "beat", "metrics"]
+        roles = ["control", "inference", "beat"]
         if not self.node.settings.supported_model_ids:
             roles.remove("inference")
         for role in roles:
             if self.stop_requested.is_set():
                 break
-            self._spawn(role, broker)
+            self._start(role, broker)
+        if not self.stop_requested.is_set():
+            self._serve_metrics()
         code = self._watch(broker)
         if code == 0:
             self._heartbeat("Final heartbeat sent to ICL", retry=FINAL_HEARTBEAT_RETRY)
@@ -280,42 +258,48 @@ class Supervisor:
             return
         log.info(success)
 
-    def _spawn(self, role: str, broker: str) -> Child:
-        # Run-time overrides only: never written to config.json.
+    def _start(self, role: str, broker: str) -> Role:
+        started: Role
+        if role == "control":
+            started = self._control_worker(broker)
+        elif role == "beat":
+            from blf.app import app
+            from blf.roles import beat_role
+
+            started = beat_role(app).start()  # the app the control worker configured
+        else:
+            started = self._inference_worker(broker)
+        self.children.append(started)
+        return started
+
+    def _control_worker(self, broker: str) -> ThreadRole:
+        from blf.control_worker import build_control_worker
+        from blf.logging import warn_if_root
+        from blf.roles import worker_role
+
+        warn_if_root()
+        worker = build_control_worker(self.node, self.node.config, broker_url=broker, embedded=True)
+        return worker_role("control", worker).start()
+
+    def _inference_worker(self, broker: str) -> ChildProcess:
+        # The key-free entry point, in a process of its own: nothing of the key's reaches
+        # it, neither the password (child_env) nor the memory of this process.
         env = child_env(
             BLF_CONFIG_PATH=str(self.node.config.path),
-            BLF_BROKER_URL=broker,
+            BLF_BROKER_URL=broker,  # a run-time override only: never written to config.json
             BLF_NODE_ADDRESS=self.node.address,
         )
-        if role == "metrics":
-            # Key-free: no password, nothing on stdin. Its stderr is read for the one line
-            # that says why it stopped (a port in use), logged as one warning.
-            process = spawn(
-                [sys.executable, "-m", "blf", "metrics"], env=env, stderr=subprocess.PIPE
-            )
-            child = Child(role, process)
-            child.capture_stderr()
-            self.children.append(child)
-            return child
-        if role == "inference":
-            command = [sys.executable, "-m", "workers.gpu"]  # the key-free entry point
-        elif role == "beat":
-            command = [sys.executable, "-m", "blf.scheduler"]  # beat without the CLI's imports
-        else:
-            command = [sys.executable, "-m", "blf", "worker", "--role", role]
-        if role == "control":
-            command.append("--password-stdin")
-        process = spawn(command, env=env, stdin=subprocess.PIPE)
-        child = Child(role, process)
-        self.children.append(child)
-        assert process.stdin is not None
+        return ChildProcess("inference", spawn([sys.executable, "-m", "workers.gpu"], env=env))
+
+    def _serve_metrics(self) -> None:
+        from blf.metrics import build_registry, serve
+
         try:
-            if role == "control":
-                process.stdin.write(self.password.encode("utf-8") + b"\n")
-            process.stdin.close()
-        except BrokenPipeError:
-            pass  # it died at once; _watch reports its exit status
-        return child
+            self._metrics = serve(self.node.settings, registry=build_registry(self.node.config))
+        except BlfError as exc:
+            log.warning("Metrics not served: %s; the node runs on without them", exc)
+            return
+        log.info("Metrics on %s", self._metrics.url)
 
     def _watch(self, broker: str) -> int:
         while not self.stop_requested.wait(WATCH_INTERVAL_S):
@@ -324,31 +308,21 @@ class Supervisor:
             for child in list(self.children):
                 if child.alive() or self.stop_requested.is_set():
                     continue
-                if child.role == "metrics":
-                    log.warning(
-                        "Metrics not served: metrics %s; the node runs on without them",
-                        child.reason(),
-                    )
+                if self._lost_redis(child):
                     self.children.remove(child)
-                elif self._lost_redis(child):
-                    self.children.remove(child)
-                    restarted = self._spawn(child.role, broker)
+                    restarted = self._start(child.role, broker)
                     restarted.restarted_for = len(self._redis_restarts)
                     log.warning(
-                        "%s exited with %s (it lost Redis); started it again",
-                        child.role,
-                        child.process.returncode,
+                        "%s %s (it lost Redis); started it again", child.role, child.reason()
                     )
                 else:
-                    log.error(
-                        "%s exited with %s; stopping the node", child.role, child.process.returncode
-                    )
+                    log.error("%s %s; stopping the node", child.role, child.reason())
                     return 1
         log.info("Shutting down: no new assignments; waiting for running jobs")
         self._stop_children()
         return 0
 
-    def _lost_redis(self, child: Child) -> bool:
+    def _lost_redis(self, child: Role) -> bool:
         """Whether ``child`` exited for the Redis restart: soon after one, and not yet
         started again for it (a child that dies again was not cured by the restart)."""
         if not self._redis_restarts:
@@ -393,40 +367,44 @@ class Supervisor:
         return True
 
     def _stop_children(self) -> None:
-        """Beat (and metrics) first, so nothing new is scheduled; then the workers' warm
+        """Beat and metrics first, so nothing new is scheduled; then the workers' warm
         shutdown (running tasks finish) within shutdown_timeout_s; then cold."""
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None
         beat = [c for c in self.children if c.role in FIRST_TO_STOP]
         workers = [c for c in self.children if c.role not in FIRST_TO_STOP]
         for group, timeout in ((beat, COLD_SHUTDOWN_GRACE_S), (workers, None)):
             self._stop_group(group, timeout)
         self.children.clear()
 
-    def _stop_group(self, group: list[Child], timeout: float | None) -> None:
+    def _stop_group(self, group: list[Role], timeout: float | None) -> None:
         running = [c for c in group if c.alive()]
         for child in running:
-            child.process.send_signal(signal.SIGTERM)
+            child.stop()
         budget = self.node.settings.shutdown_timeout_s if timeout is None else timeout
         deadline = time.monotonic() + budget
         for child in running:
-            try:
-                child.process.wait(max(deadline - time.monotonic(), 0))
-            except subprocess.TimeoutExpired:
+            if self._wait_unless_hurried(child, deadline):
+                continue
+            if not self.hurried.is_set():
                 log.warning(
                     "%s still busy after %ss: stopping it; unfinished jobs go back to the queue",
                     child.role,
                     budget,
                 )
-                self._cold_stop(child)
+            if not child.cold_stop(COLD_SHUTDOWN_GRACE_S):
+                self.abandoned_threads = True
 
-    @staticmethod
-    def _cold_stop(child: Child) -> None:
-        if child.alive():
-            child.process.send_signal(signal.SIGQUIT)
-        try:
-            child.process.wait(COLD_SHUTDOWN_GRACE_S)
-        except subprocess.TimeoutExpired:
-            child.process.kill()
-            child.process.wait()
+    def _wait_unless_hurried(self, child: Role, deadline: float) -> bool:
+        """Wait for ``child`` to end until ``deadline`` or a second signal."""
+        while not self.hurried.is_set():
+            left = deadline - time.monotonic()
+            if child.wait(min(left, HURRY_CHECK_S)):
+                return True
+            if left <= 0:
+                return False
+        return not child.alive()
 
     def _install_signal_handlers(self) -> None:
         def request_stop(signum: int, _frame: FrameType | None) -> None:
@@ -435,9 +413,10 @@ class Supervisor:
                 return
             # say, not log: a logging call in a signal handler can meet a write in progress.
             say(f"Second {signal.Signals(signum).name}: stopping at once", logging.WARNING)
+            self.hurried.set()
             for child in self.children:
                 if child.alive():
-                    child.process.send_signal(signal.SIGQUIT)
+                    child.hurry()
 
         for signum in STOP_SIGNALS:
             signal.signal(signum, request_stop)

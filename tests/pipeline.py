@@ -18,7 +18,7 @@ from starlette.requests import Request
 
 from blf.devnet.network import LocalNetwork, LocalNode
 from blf.journal import Journal
-from tests.nodes import node_pids, short_tempdir, wait_until
+from tests.nodes import short_tempdir, wait_until
 
 FAST = {"BLF_POLL_INTERVAL_S": "0.5", "BLF_HEARTBEAT_INTERVAL_S": "5"}
 
@@ -152,15 +152,3 @@ def job_record(network: LocalNetwork, job_id: str) -> dict[str, Any]:
 
 def write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data))
-
-
-def control_worker_pid(node: LocalNode) -> int:
-    """The pid of the control worker that this node's `run` started."""
-    for pid in node_pids(node.directory):
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"--role\0control" in cmdline:
-            return pid
-    raise AssertionError(f"no control worker runs for {node.directory}")

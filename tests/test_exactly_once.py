@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 
 from blf import crypto
@@ -10,13 +9,14 @@ from blf.devnet.network import LocalNetwork
 from blf.devnet.user import DevnetInfo, DevnetUser
 from blf.inference.mock import mock_output
 from tests.nodes import wait_until
-from tests.pipeline import Gate, control_worker_pid, node_log, start_network, wait_state
+from tests.pipeline import Gate, node_log, start_network, wait_state
 
 
 def test_control_worker_killed_while_its_result_is_in_flight_never_sends_it_twice() -> None:
-    """The ICL records the leader's result, and the control worker is killed before the
-    answer comes back. `run` stops (a child died); run again, the redelivered step finds
-    its send ambiguous, asks the ICL, learns the result landed, and sends nothing more."""
+    """The ICL records the leader's result, and the control worker (a thread of `run`) is
+    killed with its process before the answer comes back; run again, the redelivered step
+    finds its send ambiguous, asks the ICL, learns the result landed, and sends nothing
+    more."""
     gates: list[Gate] = []
 
     def before(network: LocalNetwork) -> None:
@@ -38,9 +38,9 @@ def test_control_worker_killed_while_its_result_is_in_flight_never_sends_it_twic
         )
         wait_state(leader, job_id, "submitting")
         wait_until(lambda: gate.arrivals == 1, what="the result's answer to be held")
-        os.kill(control_worker_pid(leader), signal.SIGKILL)
         assert leader.process is not None
-        assert leader.process.wait(60) == 1  # `run` stops when a child dies
+        leader.process.send_signal(signal.SIGKILL)
+        assert leader.process.wait(60) == -signal.SIGKILL
         gate.release.set()
         assert network.icl.state.job_record(job_id)["resultPosts"] == 1
 

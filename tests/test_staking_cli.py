@@ -254,7 +254,7 @@ def _supervisor(node: NodeDir) -> Any:
     from blf.supervisor import Supervisor
 
     loaded = load_config(node.config_path)
-    return Supervisor(node=open_node(loaded, password=PASSWORD), password=PASSWORD)
+    return Supervisor(node=open_node(loaded, password=PASSWORD))
 
 
 def _start_warnings(node: NodeDir, caplog: pytest.LogCaptureFixture) -> list[str]:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
-import socket
 import sys
 import threading
 from types import FrameType
@@ -101,7 +101,14 @@ def run() -> None:
                     signal.signal(signum, handler)
         raise
     # Supervisor.run installs its own handlers before it starts anything.
-    sys.exit(Supervisor(node=node, password=password, stop_requested=stop).run())
+    supervisor = Supervisor(node=node, stop_requested=stop)
+    code = supervisor.run()
+    if supervisor.abandoned_threads:
+        # A job still runs in a thread that would not stop: Python's exit would wait for it.
+        # Its message is unacknowledged, so the next worker to start takes it again.
+        logging.shutdown()
+        os._exit(code)
+    sys.exit(code)
 
 
 @click.command()
@@ -134,8 +141,8 @@ def worker(
     """Run one Celery worker of this node against its broker_url."""
     if role == "inference":
         _exec_gpu_worker(concurrency, models, gpus)
-    from blf import runtime
-    from blf.app import app, configure, control_queue, settings_with_address
+    from blf.app import settings_with_address
+    from blf.control_worker import build_control_worker
     from blf.node import open_node
 
     loaded = _loaded()
@@ -143,24 +150,15 @@ def worker(
     settings = settings_with_address(loaded)
     password = sys.stdin.readline().rstrip("\n") if password_stdin else None
     node = open_node(loaded, password=password)
-    runtime.install(node)
-    settings = settings.model_copy(update={"node_address": node.address})
-    configure(settings)
-    _load_control_key(loaded)
-    configure_logging(settings.node_address, settings.log_level)
-    warn_if_root()
-    instance = app.Worker(
-        hostname=f"control.{settings.node_address[:10]}@{socket.gethostname()}",
-        queues=[control_queue(node.address)],
-        beat=with_beat,
-        # Control tasks wait on HTTP, CoFHE and the chain: threads.
-        pool="threads",
-        concurrency=concurrency or settings.control_concurrency,
-        loglevel=settings.log_level,
-        without_mingle=True,
-        without_gossip=True,
-        quiet=True,
+    instance = build_control_worker(
+        node,
+        loaded,
+        broker_url=settings.broker_url,
+        concurrency=concurrency,
+        with_beat=with_beat,
     )
+    configure_logging(node.address, settings.log_level)
+    warn_if_root()
     instance.start()
     sys.exit(instance.exitcode or 0)
 
@@ -178,24 +176,17 @@ def _exec_gpu_worker(concurrency: int | None, models: str | None, gpus: int | No
     os.execv(sys.executable, command)
 
 
-def _load_control_key(loaded: LoadedConfig) -> None:
-    """Control-side processes sign what they publish (see blf.authority)."""
-    from blf.authority import install_control_key
-    from blf.keyfiles import control_key
-
-    install_control_key(control_key(loaded.beside(loaded.settings.control_key_file)))
-
-
 @click.command()
 def beat() -> None:
     """Run only the beat scheduler; a RedBeat lock keeps it to one per node."""
     from blf.app import app, configure, settings_with_address
+    from blf.authority import install_node_control_key
 
     loaded = _loaded()
     _require_broker(loaded)
     settings = settings_with_address(loaded)
     configure(settings)
-    _load_control_key(loaded)
+    install_node_control_key(loaded)
     configure_logging(settings.node_address, settings.log_level)
     app.Beat(loglevel=settings.log_level, quiet=True).run()
 

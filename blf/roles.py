@@ -1,0 +1,201 @@
+"""What `run` starts, watches and stops, in one shape: child processes (the inference
+worker, which must never share the key's process) and roles it hosts in threads of its
+own (the control worker and beat: they work where the key already is, so three Python
+processes, about 55 MiB each at the least, become one).
+
+A role is ``alive`` until it ends; ``stop`` asks it to finish what it runs and take
+nothing new; ``cold_stop`` ends it now (unfinished jobs go back to the queue); ``hurry``
+is the second Ctrl+C; ``reason`` says how it ended.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import signal
+import subprocess
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from celery import Celery, signals
+from celery.beat import Service
+
+__all__ = ["ChildProcess", "NodeBeatService", "Role", "ThreadRole", "beat_role", "worker_role"]
+
+class Role(Protocol):
+    role: str
+    # The Redis restart (its count) after which this role was started again, if any.
+    restarted_for: int
+
+    def alive(self) -> bool: ...
+    def stop(self) -> None: ...
+    def wait(self, timeout: float) -> bool: ...
+    def cold_stop(self, grace: float) -> bool: ...
+    def hurry(self) -> None: ...
+    def reason(self) -> str: ...
+
+
+@dataclass
+class ChildProcess:
+    role: str
+    process: subprocess.Popen[bytes]
+    restarted_for: int = 0
+    # The last lines of its stderr, when captured.
+    errors: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=5))
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self) -> None:
+        if self.alive():
+            self.process.send_signal(signal.SIGTERM)
+
+    def wait(self, timeout: float) -> bool:
+        try:
+            self.process.wait(max(timeout, 0))
+        except subprocess.TimeoutExpired:
+            return False
+        return True
+
+    def hurry(self) -> None:
+        if self.alive():
+            self.process.send_signal(signal.SIGQUIT)  # Celery's cold shutdown
+
+    def cold_stop(self, grace: float) -> bool:
+        self.hurry()
+        if not self.wait(grace):
+            self.process.kill()
+            self.process.wait()
+        return True
+
+    def capture_stderr(self) -> None:
+        """Keep the last lines the child writes to stderr (read in a thread, so a chatty
+        child never blocks on a full pipe)."""
+        stream = self.process.stderr
+        assert stream is not None
+
+        def read() -> None:
+            for raw in stream:
+                text = raw.decode("utf-8", "replace").strip()
+                if text:
+                    self.errors.append(text)
+
+        threading.Thread(target=read, name=f"{self.role}-stderr", daemon=True).start()
+
+    def reason(self) -> str:
+        """Its exit status and, when it said why (click's ``Error: ...``), that."""
+        said = [line for line in self.errors if line.startswith("Error: ")]
+        why = f": {said[-1].removeprefix('Error: ')}" if said else ""
+        return f"exited with {self.process.returncode}{why}"
+
+
+class ThreadRole:
+    """A role running ``body`` in a thread of this process: its return value is its exit
+    status, an exception its failure (one line for the log, never a traceback)."""
+
+    def __init__(
+        self,
+        role: str,
+        body: Callable[[], int],
+        *,
+        on_stop: Callable[[], None],
+        on_cold: Callable[[], None],
+    ) -> None:
+        self.role = role
+        self.restarted_for = 0
+        self.returncode: int | None = None
+        self._body, self._on_stop, self._on_cold = body, on_stop, on_cold
+        self._error = ""
+        # Daemon: a role that ignores its cold stop must not hold the process's exit.
+        self._thread = threading.Thread(target=self._main, name=role, daemon=True)
+
+    def start(self) -> ThreadRole:
+        self._thread.start()
+        return self
+
+    def _main(self) -> None:
+        try:
+            self.returncode = self._body()
+        except Exception as exc:  # the supervisor reports it and decides; no traceback
+            first = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+            self._error = f"{type(exc).__name__}: {first}"
+            self.returncode = 1
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def stop(self) -> None:
+        self._on_stop()
+
+    def wait(self, timeout: float) -> bool:
+        self._thread.join(max(timeout, 0))
+        return not self.alive()
+
+    def hurry(self) -> None:
+        self._on_cold()
+
+    def cold_stop(self, grace: float) -> bool:
+        self.hurry()
+        return self.wait(grace)
+
+    def reason(self) -> str:
+        return f"exited with {self.returncode}" + (f": {self._error}" if self._error else "")
+
+
+def worker_role(role: str, worker: Any) -> ThreadRole:
+    """A Celery worker built with ``embedded=True`` (blf.app), in a thread. Stopping sets
+    the flags Celery's own signal handlers set (warm: finish running tasks; cold: end)."""
+    from celery.worker import state
+
+    def body() -> int:
+        worker.start()
+        return int(worker.exitcode or 0)
+
+    def warm() -> None:
+        state.should_stop = 0
+
+    def cold() -> None:
+        state.should_terminate = 1
+
+    return ThreadRole(role, body, on_stop=warm, on_cold=cold)
+
+
+class NodeBeatService(Service):
+    """Celery's beat service for a thread: the wait between ticks ends as soon as it is
+    told to stop (Celery's own sleeps out its interval, up to ``beat_max_loop_interval``,
+    which would hold every stop of the node that long). No remote control, as in beat's
+    program by default."""
+
+    def start(self, embedded_process: bool = False) -> None:
+        logging.getLogger("celery.beat").info("beat: Starting...")
+        # Built before beat_init: the scheduler's module connects RedBeat's lock to it.
+        scheduler = self.scheduler
+        signals.beat_init.send(sender=self)
+        try:
+            while not self._is_shutdown.is_set():
+                interval = scheduler.tick()
+                if interval and interval > 0.0:
+                    self._is_shutdown.wait(interval)
+                    if scheduler.should_sync():
+                        scheduler._do_sync()
+        finally:
+            self.sync()  # RedBeat's close: frees the node's beat lock
+
+
+def beat_role(app: Celery) -> ThreadRole:
+    """Beat in a thread. The duties it sends carry no ``task-sent`` events (the node's
+    beat never sent them: ticks would fill Flower), so neither does the rest of this
+    process: the workers' own events still show every task."""
+    app.conf.task_send_sent_event = False
+    service = NodeBeatService(app, scheduler_cls=app.conf.beat_scheduler)
+
+    def body() -> int:
+        service.start()
+        return 0
+
+    def stop() -> None:
+        service._is_shutdown.set()
+
+    return ThreadRole("beat", body, on_stop=stop, on_cold=stop)
