@@ -27,6 +27,7 @@ from blf.config import LoadedConfig, Settings, load_config, resolve_config_path
 from blf.errors import ConfigError
 from blf.logging import configure_logging
 from blf.names import control_queue, model_queue, namespace, node_key
+from blf.worker_wake import IDLE_BRPOP_S
 
 __all__ = [
     "CONTROL_TASKS",
@@ -58,8 +59,8 @@ class NodeCelery(Celery):
     * ``Worker`` sends its event heartbeat every ``WORKER_EVENT_HEARTBEAT_S`` unless
       told otherwise (``heartbeat_interval``); ``embedded=True`` leaves the process's
       signal handlers and title alone (`run` hosts its control worker in a thread). Its
-      idle BRPOP keeps kombu's 1 s: a longer one (10 s was tried) holds a warm shutdown up
-      to that long per worker.
+      idle BRPOP waits ``IDLE_BRPOP_S``, not kombu's 1 s: blf.worker_wake wakes its loop
+      for what it must notice sooner.
     """
 
     @cached_property
@@ -70,6 +71,10 @@ class NodeCelery(Celery):
     def Worker(self) -> Any:  # Celery's attribute name
         from celery.apps.worker import Worker  # workers only: beat and the CLI skip it
 
+        from blf.worker_wake import connection_name
+
+        self_app = self
+
         class NodeWorker(Worker):
             def __init__(self, *args: Any, embedded: bool = False, **kwargs: Any) -> None:
                 # Embedded: a thread of a process that owns its signals and its title (the
@@ -77,6 +82,12 @@ class NodeCelery(Celery):
                 self.embedded = embedded
                 if kwargs.get("heartbeat_interval") is None:
                     kwargs["heartbeat_interval"] = WORKER_EVENT_HEARTBEAT_S
+                options = self_app.conf.broker_transport_options or {}
+                # Its Redis connections' name: how blf.worker_wake finds its BRPOP.
+                self_app.conf.broker_transport_options = {
+                    **options,
+                    "client_name": connection_name(),
+                }
                 super().__init__(*args, **kwargs)
 
             def install_platform_tweaks(self, worker: Any) -> None:
@@ -86,6 +97,9 @@ class NodeCelery(Celery):
             def set_process_status(self, info: str) -> Any:
                 return None if self.embedded else super().set_process_status(info)
 
+        from blf.worker_wake import WakeOnEvents
+
+        self.steps["worker"].add(WakeOnEvents)
         return self.subclass_with_self(NodeWorker)
 
 
@@ -122,6 +136,9 @@ def transport_options(settings: Settings) -> dict[str, Any]:
         # worker died is back in its queue soon after the timeout rather than minutes later.
         "unacked_restore_interval": min(max(visibility // 10, 1), 10),
         "unacked_restore_throttle": 1,
+        # An idle worker's BRPOP (kombu's brpop_timeout): a message ends it at once, and
+        # blf.worker_wake wakes the loop for a stop or a freed slot.
+        "polling_interval": IDLE_BRPOP_S,
         # kombu's own keys (unacked, bindings) would otherwise be shared between nodes.
         "global_keyprefix": node_key(settings.node_address) + ":",
     }

@@ -131,6 +131,11 @@ class EmbeddedRedis:
         log.info("Embedded Redis on %s", self.socket)
         return self.urls
 
+    @property
+    def pid(self) -> int | None:
+        """The running server's process id (None before it started or once stopped)."""
+        return None if self._process is None else self._process.pid
+
     def exit_status(self) -> int | None:
         """The server's exit status once it has died (negative: the signal that killed
         it); None while it runs or before it started. ``start`` again restarts it on the

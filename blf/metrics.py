@@ -1,9 +1,10 @@
 """Prometheus metrics of a node, read at each scrape from its Redis and its config.json.
 
-The process that serves them holds no key: it reads the node's broker (the journal, the
-queues, what GPU workers publish) and the certificate's expiry from config.json, and
-answers ``GET /metrics``. Nothing is counted in memory between scrapes, so any number of
-these processes may run, restart, or scrape the same node.
+What serves them needs no key: it reads the node's broker (the journal, the queues, what
+GPU workers publish) and the certificate's expiry from config.json, and answers
+``GET /metrics`` (from a thread of `run`, or alone as ``blindference-node metrics``).
+Nothing is counted in memory between scrapes, so any number of these may run, restart, or
+scrape the same node.
 
 A Redis that is down gives a scrape that says so (``blf_redis_up 0``), never an HTTP 500.
 
@@ -34,6 +35,7 @@ Families (every name starts ``blf_``):
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import socket
@@ -42,10 +44,12 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from socketserver import ThreadingMixIn
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import redis
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeHistogramMetricFamily,
@@ -484,9 +488,21 @@ def is_loopback(host: str) -> bool:
     return bool(infos) and all(ipaddress.ip_address(i[4][0]).is_loopback for i in infos)
 
 
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True  # a scrape in progress must not hold the process's exit
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # no line per scrape
+
+
 @dataclass
 class MetricsServer:
-    """A running ``/metrics`` endpoint; ``close`` stops it."""
+    """A running ``/metrics`` endpoint; ``close`` stops it.
+
+    Its loop waits for connections with no timeout (an idle node's endpoint never wakes
+    up); ``close`` asks it to stop, then connects to it so that it notices."""
 
     host: str
     port: int
@@ -499,7 +515,12 @@ class MetricsServer:
         return f"http://{host}:{self.port}/metrics"
 
     def close(self) -> None:
-        self._httpd.shutdown()
+        stopping = threading.Thread(target=self._httpd.shutdown, daemon=True)
+        stopping.start()
+        while stopping.is_alive() and self._thread.is_alive():
+            with contextlib.suppress(OSError):
+                socket.create_connection((_reachable(self.host), self.port), timeout=1).close()
+            stopping.join(0.05)
         self._httpd.server_close()
         self._thread.join(5)
 
@@ -508,6 +529,25 @@ class MetricsServer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _reachable(host: str) -> str:
+    """An address of this machine that reaches a server bound to ``host``."""
+    return {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+
+
+def _start_server(host: str, port: int, registry: CollectorRegistry) -> MetricsServer:
+    info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    family, address = info[0], str(info[4][0])
+    server_class = type("MetricsHTTPServer", (_Server,), {"address_family": family})
+    httpd: WSGIServer = make_server(
+        address, port, make_wsgi_app(registry), server_class, handler_class=_QuietHandler
+    )
+    thread = threading.Thread(
+        target=httpd.serve_forever, kwargs={"poll_interval": None}, name="metrics", daemon=True
+    )
+    thread.start()
+    return MetricsServer(host=host, port=int(httpd.server_port), _httpd=httpd, _thread=thread)
 
 
 def serve(
@@ -539,13 +579,12 @@ def serve(
             host,
         )
     try:
-        httpd, thread = start_http_server(port, addr=host, registry=registry)
+        return _start_server(host, port, registry)
     except OSError as exc:
         raise ConfigError(
             f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}",
             field="metrics_port",
         ) from None
-    return MetricsServer(host=host, port=int(httpd.server_port), _httpd=httpd, _thread=thread)
 
 
 def build_registry(

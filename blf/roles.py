@@ -11,18 +11,30 @@ is the second Ctrl+C; ``reason`` says how it ended.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
+import os
+import select
 import signal
 import subprocess
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from celery import Celery, signals
 from celery.beat import Service
 
-__all__ = ["ChildProcess", "NodeBeatService", "Role", "ThreadRole", "beat_role", "worker_role"]
+__all__ = [
+    "ChildProcess",
+    "NodeBeatService",
+    "Role",
+    "ThreadRole",
+    "Wakeups",
+    "beat_role",
+    "worker_role",
+]
+
 
 class Role(Protocol):
     role: str
@@ -47,6 +59,10 @@ class ChildProcess:
 
     def alive(self) -> bool:
         return self.process.poll() is None
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
 
     def stop(self) -> None:
         if self.alive():
@@ -102,11 +118,13 @@ class ThreadRole:
         *,
         on_stop: Callable[[], None],
         on_cold: Callable[[], None],
+        on_exit: Callable[[], None] = lambda: None,
     ) -> None:
         self.role = role
         self.restarted_for = 0
         self.returncode: int | None = None
         self._body, self._on_stop, self._on_cold = body, on_stop, on_cold
+        self._on_exit = on_exit
         self._error = ""
         # Daemon: a role that ignores its cold stop must not hold the process's exit.
         self._thread = threading.Thread(target=self._main, name=role, daemon=True)
@@ -122,6 +140,8 @@ class ThreadRole:
             first = (str(exc).strip() or type(exc).__name__).splitlines()[0]
             self._error = f"{type(exc).__name__}: {first}"
             self.returncode = 1
+        finally:
+            self._on_exit()
 
     def alive(self) -> bool:
         return self._thread.is_alive()
@@ -144,10 +164,12 @@ class ThreadRole:
         return f"exited with {self.returncode}" + (f": {self._error}" if self._error else "")
 
 
-def worker_role(role: str, worker: Any) -> ThreadRole:
+def worker_role(role: str, worker: Any, *, on_exit: Callable[[], None]) -> ThreadRole:
     """A Celery worker built with ``embedded=True`` (blf.app), in a thread. Stopping sets
     the flags Celery's own signal handlers set (warm: finish running tasks; cold: end)."""
     from celery.worker import state
+
+    from blf.worker_wake import stop_soon
 
     def body() -> int:
         worker.start()
@@ -155,11 +177,13 @@ def worker_role(role: str, worker: Any) -> ThreadRole:
 
     def warm() -> None:
         state.should_stop = 0
+        stop_soon()
 
     def cold() -> None:
         state.should_terminate = 1
+        stop_soon()
 
-    return ThreadRole(role, body, on_stop=warm, on_cold=cold)
+    return ThreadRole(role, body, on_stop=warm, on_cold=cold, on_exit=on_exit)
 
 
 class NodeBeatService(Service):
@@ -184,7 +208,7 @@ class NodeBeatService(Service):
             self.sync()  # RedBeat's close: frees the node's beat lock
 
 
-def beat_role(app: Celery) -> ThreadRole:
+def beat_role(app: Celery, *, on_exit: Callable[[], None]) -> ThreadRole:
     """Beat in a thread. The duties it sends carry no ``task-sent`` events (the node's
     beat never sent them: ticks would fill Flower), so neither does the rest of this
     process: the workers' own events still show every task."""
@@ -198,4 +222,45 @@ def beat_role(app: Celery) -> ThreadRole:
     def stop() -> None:
         service._is_shutdown.set()
 
-    return ThreadRole("beat", body, on_stop=stop, on_cold=stop)
+    return ThreadRole("beat", body, on_stop=stop, on_cold=stop, on_exit=on_exit)
+
+
+class Wakeups:
+    """What the supervisor sleeps on between events, with no timer to wake it when
+    nothing happens: a ``poke`` (from a signal handler, or a thread role that ended) or
+    the exit of a child process (its pidfd, Linux 5.3 and later; where there is none,
+    the wait ends after ``fallback_s`` to look again)."""
+
+    def __init__(self, fallback_s: float) -> None:
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._read, False)
+        os.set_blocking(self._write, False)
+        self._fallback_s = fallback_s
+
+    def poke(self) -> None:
+        """Safe from a signal handler and from any thread: one write to a pipe."""
+        with contextlib.suppress(OSError):  # full: a wake-up is pending anyway
+            os.write(self._write, b"\0")
+
+    def wait(self, pids: Iterable[int]) -> None:
+        """Until a poke or the exit of one of ``pids`` (a zombie counts: it is ready)."""
+        opened: list[int] = []
+        timeout: float | None = None
+        try:
+            for pid in pids:
+                try:
+                    opened.append(os.pidfd_open(pid))
+                except (AttributeError, OSError):  # no pidfd here, or it is gone already
+                    timeout = self._fallback_s
+            readable, _, _ = select.select([self._read, *opened], [], [], timeout)
+            if self._read in readable:
+                with contextlib.suppress(BlockingIOError):
+                    while os.read(self._read, 64):
+                        pass
+        finally:
+            for fd in opened:
+                os.close(fd)
+
+    def close(self) -> None:
+        os.close(self._read)
+        os.close(self._write)

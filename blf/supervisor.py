@@ -51,7 +51,7 @@ from blf.logging import say
 from blf.metrics import MetricsServer
 from blf.node import Node
 from blf.readiness import job_warnings
-from blf.roles import ChildProcess, Role, ThreadRole
+from blf.roles import ChildProcess, Role, ThreadRole, Wakeups
 from blf.submission import drop_leases
 
 __all__ = ["Supervisor"]
@@ -65,7 +65,8 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 COLD_SHUTDOWN_GRACE_S = 10.0
 # The final heartbeat is a courtesy: one quick retry, not the loop's patient policy.
 FINAL_HEARTBEAT_RETRY = Retry(attempts=2, backoff=0.5, backoff_max=0.5)
-WATCH_INTERVAL_S = 0.5
+# Where a child's exit cannot be waited on (no pidfd), how often to look.
+WATCH_FALLBACK_S = 0.5
 # The embedded Redis is restarted at most this many times within the window; one more
 # death within it stops the node (something is wrong that restarts do not cure).
 REDIS_RESTARTS = 5
@@ -89,6 +90,7 @@ class Supervisor:
     # A role hosted in a thread did not end when stopped (a job still running in the
     # control worker's pool, say): `run` must leave by os._exit, or Python would wait for it.
     abandoned_threads: bool = False
+    _wakeups: Wakeups = field(default_factory=lambda: Wakeups(WATCH_FALLBACK_S))
     _redis: EmbeddedRedis | None = None
     _metrics: MetricsServer | None = None
     # When the embedded Redis was restarted (monotonic seconds), newest last.
@@ -103,6 +105,7 @@ class Supervisor:
             self._stop_children()
             if self._redis is not None:
                 self._redis.stop()
+            self._wakeups.close()
 
     @contextmanager
     def _exclusive(self) -> Iterator[None]:
@@ -266,7 +269,8 @@ class Supervisor:
             from blf.app import app
             from blf.roles import beat_role
 
-            started = beat_role(app).start()  # the app the control worker configured
+            # The app the control worker configured.
+            started = beat_role(app, on_exit=self._wakeups.poke).start()
         else:
             started = self._inference_worker(broker)
         self.children.append(started)
@@ -279,7 +283,7 @@ class Supervisor:
 
         warn_if_root()
         worker = build_control_worker(self.node, self.node.config, broker_url=broker, embedded=True)
-        return worker_role("control", worker).start()
+        return worker_role("control", worker, on_exit=self._wakeups.poke).start()
 
     def _inference_worker(self, broker: str) -> ChildProcess:
         # The key-free entry point, in a process of its own: nothing of the key's reaches
@@ -302,7 +306,9 @@ class Supervisor:
         log.info("Metrics on %s", self._metrics.url)
 
     def _watch(self, broker: str) -> int:
-        while not self.stop_requested.wait(WATCH_INTERVAL_S):
+        """Sleeps until something happens (a signal, a role's end, Redis's exit): an idle
+        node's supervisor does not wake up at all."""
+        while not self.stop_requested.is_set():
             if not self._redis_alive_or_restarted():
                 return 1
             for child in list(self.children):
@@ -318,9 +324,15 @@ class Supervisor:
                 else:
                     log.error("%s %s; stopping the node", child.role, child.reason())
                     return 1
+            self._wakeups.wait(self._watched_pids())
         log.info("Shutting down: no new assignments; waiting for running jobs")
         self._stop_children()
         return 0
+
+    def _watched_pids(self) -> list[int]:
+        pids = [c.pid for c in self.children if isinstance(c, ChildProcess) and c.alive()]
+        redis_pid = self._redis.pid if self._redis is not None else None
+        return pids + ([redis_pid] if redis_pid is not None else [])
 
     def _lost_redis(self, child: Role) -> bool:
         """Whether ``child`` exited for the Redis restart: soon after one, and not yet
@@ -410,6 +422,7 @@ class Supervisor:
         def request_stop(signum: int, _frame: FrameType | None) -> None:
             if not self.stop_requested.is_set():
                 self.stop_requested.set()
+                self._wakeups.poke()
                 return
             # say, not log: a logging call in a signal handler can meet a write in progress.
             say(f"Second {signal.Signals(signum).name}: stopping at once", logging.WARNING)
