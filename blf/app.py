@@ -27,7 +27,6 @@ from blf.config import LoadedConfig, Settings, load_config, resolve_config_path
 from blf.errors import ConfigError
 from blf.logging import configure_logging
 from blf.names import control_queue, model_queue, namespace, node_key
-from blf.worker_wake import IDLE_BRPOP_S
 
 __all__ = [
     "CONTROL_TASKS",
@@ -71,7 +70,7 @@ class NodeCelery(Celery):
     def Worker(self) -> Any:  # Celery's attribute name
         from celery.apps.worker import Worker  # workers only: beat and the CLI skip it
 
-        from blf.worker_wake import connection_name
+        from blf.worker_wake import IDLE_BRPOP_S, connection_name
 
         self_app = self
 
@@ -83,10 +82,15 @@ class NodeCelery(Celery):
                 if kwargs.get("heartbeat_interval") is None:
                     kwargs["heartbeat_interval"] = WORKER_EVENT_HEARTBEAT_S
                 options = self_app.conf.broker_transport_options or {}
-                # Its Redis connections' name: how blf.worker_wake finds its BRPOP.
                 self_app.conf.broker_transport_options = {
                     **options,
+                    # Its Redis connections' name: how blf.worker_wake finds its BRPOP.
                     "client_name": connection_name(),
+                    # Its idle BRPOP (kombu's brpop_timeout): a message ends it at once,
+                    # and blf.worker_wake wakes the loop for a stop or a freed slot. Not
+                    # for clients (the CLI, Flower): a remote-control call that gives up
+                    # would leave its BRPOP waiting that long in Redis.
+                    "polling_interval": IDLE_BRPOP_S,
                 }
                 super().__init__(*args, **kwargs)
 
@@ -136,9 +140,6 @@ def transport_options(settings: Settings) -> dict[str, Any]:
         # worker died is back in its queue soon after the timeout rather than minutes later.
         "unacked_restore_interval": min(max(visibility // 10, 1), 10),
         "unacked_restore_throttle": 1,
-        # An idle worker's BRPOP (kombu's brpop_timeout): a message ends it at once, and
-        # blf.worker_wake wakes the loop for a stop or a freed slot.
-        "polling_interval": IDLE_BRPOP_S,
         # kombu's own keys (unacked, bindings) would otherwise be shared between nodes.
         "global_keyprefix": node_key(settings.node_address) + ":",
     }

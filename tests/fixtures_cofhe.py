@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 from dataclasses import dataclass, field
@@ -64,7 +65,10 @@ def _compiled() -> dict[str, Any]:
     if built.returncode != 0:
         raise RuntimeError(f"compiling the CoFHE mocks failed: {built.stderr.decode()[-2000:]}")
     cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_bytes(built.stdout)
+    # Whole or not at all: another test process may be reading it.
+    partial = cache.with_suffix(f".{os.getpid()}.tmp")
+    partial.write_bytes(built.stdout)
+    os.replace(partial, cache)
     artifacts: dict[str, Any] = json.loads(built.stdout)
     return artifacts
 

@@ -6,14 +6,16 @@ and decrypts the leader's output with its own CoFHE permit."""
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 from blf import crypto
-from blf.devnet.network import LocalNetwork
+from blf.devnet.network import LocalNetwork, LocalNode
 from blf.devnet.user import DevnetInfo, DevnetUser
 from blf.inference.mock import mock_output
 from tests.nodes import wait_until
@@ -105,6 +107,44 @@ def test_three_nodes_take_a_job_to_accepted_and_the_user_reads_the_output(
         for h in ("high", "low")
     ]
     quorum.secrets |= _secrets("first", prompt, output, key, crypto.join_key(*halves))
+
+
+def _scrape(network: LocalNetwork, node: LocalNode) -> dict[tuple[str, str], float]:
+    """The node's /metrics (its `run` logged the address), as {(sample, labels): value}."""
+    (url, *_) = re.findall(r"Metrics on (http://\S+/metrics)", node_log(network, node))[::-1]
+    answer = requests.get(url, timeout=10)
+    assert answer.status_code == 200, answer.text
+    return {
+        (sample.name, ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(answer.text)
+        for sample in family.samples
+    }
+
+
+def test_after_a_job_each_node_s_metrics_count_it_by_role_with_its_stages(
+    quorum: Quorum,
+) -> None:
+    job_id, _ = quorum.submit("Count the moons of Mars.")
+    assert quorum.wait(job_id)["status"] == "ACCEPTED"
+    for node, role in ((quorum.honest, "leader"), (quorum.odd, "verifier")):
+        wait_state(node, job_id, "submitted")
+        samples = _scrape(quorum.network, node)
+        assert samples[("blf_up", "")] == 1 and samples[("blf_redis_up", "")] == 1
+        assert samples[("blf_jobs_total", f"outcome=submitted,role={role}")] >= 1
+        assert samples[("blf_journal_jobs", f"outcome=submitted,role={role}")] >= 1
+        assert samples[("blf_jobs_in_progress", f"role={role}")] == 0
+        # Every job this node finished went through inference, and the leader uploaded.
+        finished = samples[("blf_journal_jobs", f"outcome=submitted,role={role}")]
+        assert samples[("blf_stage_seconds_gcount", "stage=inference")] >= finished
+        assert samples[("blf_stage_seconds_gsum", "stage=total")] > 0
+        uploads = samples[("blf_stage_seconds_gcount", "stage=upload")]
+        assert uploads >= 1 if role == "leader" else uploads == 0
+        assert samples[("blf_queue_messages", "model=demo-model")] == 0
+        assert samples[("blf_control_queue_messages", "")] >= 0
+        assert samples[("blf_workers", "model=demo-model")] == 1
+        assert samples[("blf_free_slots", "model=demo-model")] >= 1
+        assert 0 <= samples[("blf_icl_heartbeat_age_seconds", "")] < 60
+        assert samples[("blf_certificate_seconds_left", "")] > 0
 
 
 def test_a_verifier_with_another_output_answers_reject(quorum: Quorum) -> None:

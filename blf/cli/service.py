@@ -150,6 +150,8 @@ def worker(
     settings = settings_with_address(loaded)
     password = sys.stdin.readline().rstrip("\n") if password_stdin else None
     node = open_node(loaded, password=password)
+    configure_logging(node.address, settings.log_level)
+    warn_if_root()  # before the worker: it also quiets Celery's multi-line warning
     instance = build_control_worker(
         node,
         loaded,
@@ -157,8 +159,6 @@ def worker(
         concurrency=concurrency,
         with_beat=with_beat,
     )
-    configure_logging(node.address, settings.log_level)
-    warn_if_root()
     instance.start()
     sys.exit(instance.exitcode or 0)
 
