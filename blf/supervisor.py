@@ -73,6 +73,9 @@ REDIS_RESTARTS = 5
 REDIS_RESTART_WINDOW_S = 600.0
 # A child that exits this soon after a Redis restart lost its connection: started again.
 RECOVERY_S = 60.0
+# After a second signal, what a role gets for its cold stop before it is killed (or, for
+# a thread, left behind).
+HURRIED_GRACE_S = 1.0
 # Stopped before the workers: it runs no jobs, and must send no new polls.
 FIRST_TO_STOP = ("beat",)
 # How often a stop that waits on the workers checks for a second signal.
@@ -405,7 +408,8 @@ class Supervisor:
                     child.role,
                     budget,
                 )
-            if not child.cold_stop(COLD_SHUTDOWN_GRACE_S):
+            grace = HURRIED_GRACE_S if self.hurried.is_set() else COLD_SHUTDOWN_GRACE_S
+            if not child.cold_stop(grace):
                 self.abandoned_threads = True
 
     def _wait_unless_hurried(self, child: Role, deadline: float) -> bool:

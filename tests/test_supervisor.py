@@ -65,3 +65,43 @@ def test_a_job_left_mid_claim_by_a_dead_run_is_requeued_by_the_next(
     assert devnet_job(devnet.url, job["jobId"])["claims"][node.address] == 1
     again.signal(signal.SIGTERM)
     assert again.wait() == 0
+
+
+def test_a_job_still_running_past_the_shutdown_budget_is_left_to_the_next_run(
+    gated_quorum: GatedQuorum, processes: Processes
+) -> None:
+    """The control worker is a thread of `run`, and a thread cannot be killed: when its
+    claim is still held after shutdown_timeout_s, `run` stops without it (exit 0, Redis
+    stopped, nothing left running) and the job's message goes to the next run."""
+    devnet, gate, node = gated_quorum.devnet, gated_quorum.gate, gated_quorum.node
+    run, job = gated_quorum.run_until_mid_claim(processes, **FAST, BLF_SHUTDOWN_TIMEOUT_S="1")
+    run.signal(signal.SIGTERM)
+    assert run.wait() == 0, run.output()
+    (busy,) = run.lines("still busy")
+    assert "control still busy after 1.0s: stopping it; unfinished jobs go back to the queue" in (
+        busy
+    )
+    assert run.lines("Final heartbeat sent to ICL")
+    wait_until(lambda: not node_pids(node.root), what="every process of the node to stop")
+    assert not (node.root / "redis.sock").exists()
+    gate.release.set()
+    again = processes.start(node, "run", **FAST)
+    again.wait_for("Requeued 1 job message")
+    again.wait_for("claimed")
+    assert devnet_job(devnet.url, job["jobId"])["claims"][node.address] >= 1
+    again.signal(signal.SIGTERM)
+    assert again.wait() == 0
+
+
+def test_a_second_signal_stops_at_once_without_waiting_for_the_job(
+    gated_quorum: GatedQuorum, processes: Processes
+) -> None:
+    node = gated_quorum.node
+    run, _job = gated_quorum.run_until_mid_claim(processes, **FAST)  # shutdown budget 300 s
+    run.signal(signal.SIGTERM)
+    run.wait_for("Shutting down: no new assignments")
+    run.signal(signal.SIGTERM)
+    assert run.wait() == 0, run.output()
+    assert run.lines(r"\[WARNING\] .* Second SIGTERM: stopping at once")
+    assert not run.lines("still busy")  # asked to hurry: not a budget that ran out
+    wait_until(lambda: not node_pids(node.root), what="every process of the node to stop")
