@@ -236,6 +236,14 @@ class Wakeups:
         os.set_blocking(self._read, False)
         os.set_blocking(self._write, False)
         self._fallback_s = fallback_s
+        self._previous_wakeup: int | None = None
+
+    def on_signals(self) -> None:
+        """End the wait on every signal this process handles (main thread only). A signal
+        is delivered to whichever thread the kernel picks; Python runs its handler in the
+        main thread only once that thread runs again, and one asleep in ``select`` would
+        not: the kernel-level handler's write to the pipe wakes it."""
+        self._previous_wakeup = signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
 
     def poke(self) -> None:
         """Safe from a signal handler and from any thread: one write to a pipe."""
@@ -262,5 +270,8 @@ class Wakeups:
                 os.close(fd)
 
     def close(self) -> None:
+        if self._previous_wakeup is not None:
+            signal.set_wakeup_fd(self._previous_wakeup)
+            self._previous_wakeup = None
         os.close(self._read)
         os.close(self._write)

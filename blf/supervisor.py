@@ -437,6 +437,7 @@ class Supervisor:
 
         for signum in STOP_SIGNALS:
             signal.signal(signum, request_stop)
+        self._wakeups.on_signals()
 
 
 def _ordinal(n: int) -> str:

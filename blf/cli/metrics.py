@@ -41,25 +41,32 @@ def metrics(host: str | None, port: int | None, allow_remote: bool) -> None:
     from blf.cli.common import load_with_warnings
     from blf.logging import configure_logging
     from blf.metrics import build_registry, serve
+    from blf.roles import Wakeups
 
     loaded = load_with_warnings()
     settings = settings_with_address(loaded)
     configure_logging(settings.node_address, settings.log_level)
     stop = threading.Event()
+    # The main thread sleeps on a pipe that every signal writes to, whichever thread the
+    # kernel hands it to (a server thread, say): see Wakeups.on_signals.
+    wakeups = Wakeups(fallback_s=1.0)
 
     def request_stop(_signum: int, _frame: FrameType | None) -> None:
         stop.set()
 
     # Before the port opens: a signal sent once it answers must find the handler.
     previous = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    wakeups.on_signals()
     try:
         registry = build_registry(loaded)
         with serve(
             settings, registry=registry, host=host, port=port, allow_remote=allow_remote
         ) as server:
             log.info("Metrics on %s", server.url)
-            stop.wait()
+            while not stop.is_set():
+                wakeups.wait(())
     finally:
+        wakeups.close()
         for signum, handler in previous.items():
             if handler is not None:  # None: set outside Python, cannot be put back
                 signal.signal(signum, handler)
