@@ -25,4 +25,6 @@ npm ci --silent --no-audit --no-fund
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy
-exec .venv/bin/pytest -q "$@"
+# Two test processes: most tests wait on the nodes they start, not on the CPU. A file's
+# tests stay together (module fixtures such as the three-node network start once).
+exec .venv/bin/pytest -q -n "${BLF_TEST_WORKERS:-2}" --dist loadfile "$@"
