@@ -63,9 +63,10 @@ def _catch_stop_signals(stop: threading.Event) -> dict[int, Any]:
 @click.command()
 def run() -> None:
     """Run the node: embedded Redis (unless broker_url is set), beat (heartbeat 60 s,
-    poller 5 s, watchdog 10 min, on-chain heartbeat 10 days), a control worker, an
-    inference worker and the metrics endpoint (metrics_port; 0 takes a free one; a port
-    in use is a warning, not a failure). SIGINT/SIGTERM stop it gracefully: no new
+    poller 5 s, watchdog 10 min, on-chain heartbeat 10 days), a control worker and the
+    metrics endpoint (metrics_port; 0 takes a free one; a port in use is a warning, not a
+    failure), all three in this process, which holds the key; and an inference worker, a
+    process without it (none when no model is served). SIGINT/SIGTERM stop it gracefully: no new
     assignments, running jobs finish (up to shutdown_timeout_s), a final heartbeat, then
     exit 0. A stop before the node is up exits 0 at once, with no heartbeat sent (the
     final heartbeat follows only a first one)."""
