@@ -336,6 +336,8 @@ def test_one_gpu_worker_per_gpu_each_pinned_and_they_stop_together(
         if line.startswith(b"CUDA_VISIBLE_DEVICES=")
     )
     assert pinned == [b"0", b"1"]
+    for pid in _children_of(parent.pid):  # numbered as nvidia-smi and NVML number them
+        assert b"CUDA_DEVICE_ORDER=PCI_BUS_ID" in Path(f"/proc/{pid}/environ").read_bytes()
     parent.send_signal(signal.SIGTERM)
     assert parent.wait(60) == 0
     assert live_workers(client, node.address, MODEL) == {}  # both withdrew as they stopped

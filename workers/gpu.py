@@ -112,7 +112,13 @@ def per_gpu(count: int, argv: list[str]) -> int:
     rest = _without_gpus(argv)
     children = []
     for index in range(count):
-        env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(index)}
+        # PCI order, so that index N is nvidia-smi's GPU N and NVML's (blf.gpu) too; CUDA's
+        # own default order (fastest first) can differ on a host with mixed GPUs.
+        env = {
+            "CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+            **os.environ,
+            "CUDA_VISIBLE_DEVICES": str(index),
+        }
         children.append(spawn([sys.executable, "-m", "workers.gpu", *rest], env=env, stdin=None))
 
     asked: set[int] = set()
