@@ -15,7 +15,8 @@ from collections.abc import Mapping, Sequence
 __all__ = ["SECRET_ENV", "child_env", "spawn"]
 
 # Never handed to a child: the key is passed to the one process that needs it by pipe.
-SECRET_ENV = ("BLF_KEY_PASSWORD", "BLF_PRIVATE_KEY")
+# (The password file's name is no secret, but no child has any use for it.)
+SECRET_ENV = ("BLF_KEY_PASSWORD", "BLF_KEY_PASSWORD_FILE", "BLF_PRIVATE_KEY")
 _PR_SET_PDEATHSIG = 1
 
 

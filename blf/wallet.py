@@ -23,6 +23,7 @@ from blf.errors import WalletError, WrongPasswordError
 
 __all__ = [
     "PASSWORD_ENV",
+    "PASSWORD_FILE_ENV",
     "create_keystore",
     "keystore_address",
     "load_account",
@@ -31,20 +32,42 @@ __all__ = [
 ]
 
 PASSWORD_ENV = "BLF_KEY_PASSWORD"
+PASSWORD_FILE_ENV = "BLF_KEY_PASSWORD_FILE"
 PRIVATE_KEY_ENV = "BLF_PRIVATE_KEY"
 
 
 def read_password(*, confirm: bool = False, prompt: Callable[[str], str] = getpass.getpass) -> str:
-    """``BLF_KEY_PASSWORD`` if set, else ask on the terminal without echo."""
+    """``BLF_KEY_PASSWORD`` if set; else the first line of the file ``BLF_KEY_PASSWORD_FILE``
+    names (a Docker or compose secret, a systemd credential: the password then stays out of
+    every environment); else ask on the terminal without echo."""
     from_env = os.environ.get(PASSWORD_ENV)
     if from_env is not None:
         return from_env
+    file_name = os.environ.get(PASSWORD_FILE_ENV)
+    if file_name:
+        return _password_from_file(Path(file_name))
     if not sys.stdin.isatty():
-        raise WalletError(f"no keystore password: set {PASSWORD_ENV} or run interactively")
+        raise WalletError(
+            f"no keystore password: set {PASSWORD_ENV} or {PASSWORD_FILE_ENV}, or run interactively"
+        )
     password = prompt("Keystore password: ")
     if confirm and prompt("Repeat password: ") != password:
         raise WalletError("the two passwords differ")
     return password
+
+
+def _password_from_file(path: Path) -> str:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        raise WalletError(
+            f"cannot read the keystore password from {path} ({PASSWORD_FILE_ENV}): {why}"
+        ) from None
+    lines = text.splitlines()
+    if not lines or not lines[0]:
+        raise WalletError(f"{path} ({PASSWORD_FILE_ENV}) holds no password on its first line")
+    return lines[0]
 
 
 def create_keystore(path: Path, password: str, private_key: str | None = None) -> str:

@@ -166,6 +166,34 @@ def test_wrong_password_is_one_line(node: NodeDir) -> None:
     assert node.config_path.read_bytes() == before
 
 
+def test_the_password_can_come_from_a_file_a_secret_is_mounted_as(
+    node: NodeDir, tmp_path: Path
+) -> None:
+    secret = tmp_path / "key_password"
+    secret.write_text(PASSWORD + "\n")  # as `echo` and most secret stores write it
+    env = {"BLF_KEY_PASSWORD": None, "BLF_KEY_PASSWORD_FILE": str(secret)}
+    result = node.invoke("attest", "--mock", env=env)  # type: ignore[arg-type]
+    assert result.exit_code == 0, result.output
+    assert node.config()["attestation_cert_hash"]
+
+
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [(None, "cannot read the keystore password from"), ("\n", "holds no password")],
+)
+def test_an_unusable_password_file_is_one_line_naming_it(
+    node: NodeDir, tmp_path: Path, content: str | None, says: str
+) -> None:
+    secret = tmp_path / "key_password"
+    if content is not None:
+        secret.write_text(content)
+    env = {"BLF_KEY_PASSWORD": None, "BLF_KEY_PASSWORD_FILE": str(secret)}
+    result = node.invoke("attest", "--mock", env=env)  # type: ignore[arg-type]
+    assert result.exit_code == 1
+    line = error_line(result)
+    assert says in line and str(secret) in line and "BLF_KEY_PASSWORD_FILE" in line
+
+
 def broken_keystores() -> dict[str, Any]:
     good = Account.encrypt(Account.create().key, PASSWORD, kdf="pbkdf2", iterations=2)
     unknown_kdf = json.loads(json.dumps(good))

@@ -44,7 +44,13 @@ CONTROL_IMAGE = "blindference-node"  # the seed page's image name
 NODE_DIR_IN_IMAGE = "/root/.blindference"
 SECRET_ENV = {"BLF_KEY_PASSWORD", "BLF_PRIVATE_KEY", "BLF_CLUSTER_KEY", "MOCK_ATTESTATION_KEY"}
 # BLF_* variables the CLI reads that are not config fields.
-CLI_ENV = {"BLF_CONFIG_PATH", "BLF_CONFIG_DIR", "BLF_KEY_PASSWORD", "BLF_PRIVATE_KEY"}
+CLI_ENV = {
+    "BLF_CONFIG_PATH",
+    "BLF_CONFIG_DIR",
+    "BLF_KEY_PASSWORD",
+    "BLF_KEY_PASSWORD_FILE",
+    "BLF_PRIVATE_KEY",
+}
 
 # ${NAME}, ${NAME:-default}, ${NAME-default}, ${NAME:?message}, ${NAME?message}; not $${...}.
 INTERPOLATION = re.compile(r"(?<!\$)\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?])([^}]*))?\}")
