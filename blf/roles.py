@@ -26,6 +26,7 @@ from celery import Celery, signals
 from celery.beat import Service
 
 __all__ = [
+    "BEAT_RETRY_S",
     "ChildProcess",
     "NodeBeatService",
     "Role",
@@ -34,6 +35,11 @@ __all__ = [
     "beat_role",
     "worker_role",
 ]
+
+# A beat that lost Redis waits this long before it starts again.
+BEAT_RETRY_S = 2.0
+
+beat_log = logging.getLogger("celery.beat")
 
 
 class Role(Protocol):
@@ -193,7 +199,7 @@ class NodeBeatService(Service):
     program by default."""
 
     def start(self, embedded_process: bool = False) -> None:
-        logging.getLogger("celery.beat").info("beat: Starting...")
+        beat_log.info("beat: Starting...")
         # Built before beat_init: the scheduler's module connects RedBeat's lock to it.
         scheduler = self.scheduler
         signals.beat_init.send(sender=self)
@@ -211,16 +217,39 @@ class NodeBeatService(Service):
 def beat_role(app: Celery, *, on_exit: Callable[[], None]) -> ThreadRole:
     """Beat in a thread. The duties it sends carry no ``task-sent`` events (the node's
     beat never sent them: ticks would fill Flower), so neither does the rest of this
-    process: the workers' own events still show every task."""
+    process: the workers' own events still show every task.
+
+    A beat that loses Redis (a restart, an operator's Redis that blips) starts again
+    after ``BEAT_RETRY_S``, as the workers reconnect by themselves: one warning, and the
+    node keeps its loops."""
+    import redis
+    from kombu.exceptions import OperationalError
+
     app.conf.task_send_sent_event = False
-    service = NodeBeatService(app, scheduler_cls=app.conf.beat_scheduler)
+    stopping = threading.Event()
+    current: list[NodeBeatService] = []
 
     def body() -> int:
-        service.start()
+        while not stopping.is_set():
+            current[:] = [NodeBeatService(app, scheduler_cls=app.conf.beat_scheduler)]
+            try:
+                current[0].start()
+            except (redis.RedisError, OperationalError, OSError) as exc:
+                if stopping.is_set():
+                    break
+                first = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+                beat_log.warning(
+                    "beat: lost Redis (%s); starting again in %ss", first, BEAT_RETRY_S
+                )
+                stopping.wait(BEAT_RETRY_S)
+                continue
+            break
         return 0
 
     def stop() -> None:
-        service._is_shutdown.set()
+        stopping.set()
+        for service in current:
+            service._is_shutdown.set()
 
     return ThreadRole("beat", body, on_stop=stop, on_cold=stop, on_exit=on_exit)
 

@@ -17,7 +17,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from blf.app import transport_options
-from blf.broker import SOCKET_NAME
+from blf.broker import SOCKET_NAME, EmbeddedRedis
 from blf.config import load_config
 from blf.devnet.icl import DevnetIcl
 from blf.names import model_queue
@@ -29,6 +29,7 @@ from tests.nodes import (
     make_node,
     node_pids,
     send_tasks,
+    short_tempdir,
     wait_until,
 )
 
@@ -223,6 +224,32 @@ def test_redis_dying_past_the_bound_stops_the_node_with_one_line(
     )
     assert len(run.lines(r"\[WARNING\] .* Embedded Redis exited")) == 5
     wait_until(lambda: not node_pids(node.root), what="the children to stop")
+
+
+def test_an_operator_redis_that_blips_leaves_the_node_running(
+    devnet: DevnetIcl, processes: Processes
+) -> None:
+    """With broker_url set, `run` does not own Redis and cannot restart it: when it comes
+    back, the workers reconnect and beat starts again by itself."""
+    node = make_node(devnet.url)
+    server = EmbeddedRedis(short_tempdir())
+    server.start()
+    try:
+        run = processes.start(node, "run", **FAST, BLF_BROKER_URL=server.urls.celery)
+        run.wait_for("beat: Acquired lock")
+        wait_until(lambda: _polls(devnet, node) >= 1, what="a first poll")
+        assert server.pid is not None
+        os.kill(server.pid, signal.SIGKILL)
+        run.wait_for(r"\[WARNING\] .* beat: lost Redis")
+        server.start()  # the operator's Redis is back, on the same socket, from its AOF
+        back_at = _polls(devnet, node)
+        wait_until(lambda: _polls(devnet, node) >= back_at + 3, what="polls after Redis is back")
+        assert run.process.poll() is None, run.output()
+        run.signal(signal.SIGTERM)
+        assert exit_status(run) == 0, run.output()
+        assert not run.lines("stopping the node")
+    finally:
+        server.stop()
 
 
 # --- the metrics endpoint ----------------------------------------------------------------------
