@@ -101,9 +101,10 @@ class NodeCelery(Celery):
             def set_process_status(self, info: str) -> Any:
                 return None if self.embedded else super().set_process_status(info)
 
-        from blf.worker_wake import WakeOnEvents
+        from blf.worker_wake import UnblockAtShutdown, WakeOnEvents
 
         self.steps["worker"].add(WakeOnEvents)
+        self.steps["consumer"].add(UnblockAtShutdown)
         return self.subclass_with_self(NodeWorker)
 
 

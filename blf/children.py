@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import signal
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 __all__ = ["SECRET_ENV", "child_env", "spawn"]
 
@@ -28,11 +30,26 @@ def child_env(**overrides: str) -> dict[str, str]:
     return env
 
 
-def _die_with_parent() -> None:
-    # Linux: the kernel sends SIGTERM to this child when its parent dies, however it dies.
+@functools.cache
+def _prctl() -> Any:
+    """libc's prctl, looked up in the parent: the child, between fork and exec in a process
+    with threads, must not start ldconfig or dlopen a library (either can deadlock)."""
     libc_name = ctypes.util.find_library("c")
     if libc_name and sys.platform.startswith("linux"):
-        ctypes.CDLL(libc_name, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        return ctypes.CDLL(libc_name, use_errno=True).prctl
+    return None
+
+
+def _die_with_parent() -> Callable[[], None]:
+    """What the child runs before exec: the kernel sends it SIGTERM when its parent dies,
+    however it dies (Linux)."""
+    prctl = _prctl()
+
+    def arrange() -> None:
+        if prctl is not None:
+            prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+    return arrange
 
 
 def spawn(
@@ -54,6 +71,6 @@ def spawn(
         # Unless asked otherwise, a captured stdout takes stderr with it.
         stderr=stderr if stderr is not None or stdout is None else subprocess.STDOUT,
         start_new_session=True,
-        preexec_fn=_die_with_parent,
+        preexec_fn=_die_with_parent(),
         umask=umask,
     )

@@ -488,6 +488,10 @@ def is_loopback(host: str) -> bool:
     return bool(infos) and all(ipaddress.ip_address(i[4][0]).is_loopback for i in infos)
 
 
+# How many times ``MetricsServer.close`` connects to its server to wake it (0.05 s apart).
+CLOSE_TRIES = 100
+
+
 class _Server(ThreadingMixIn, WSGIServer):
     daemon_threads = True  # a scrape in progress must not hold the process's exit
 
@@ -517,7 +521,9 @@ class MetricsServer:
     def close(self) -> None:
         stopping = threading.Thread(target=self._httpd.shutdown, daemon=True)
         stopping.start()
-        while stopping.is_alive() and self._thread.is_alive():
+        for _ in range(CLOSE_TRIES):  # bounded: its thread is a daemon, and may be left
+            if not (stopping.is_alive() and self._thread.is_alive()):
+                break
             with contextlib.suppress(OSError):
                 socket.create_connection((_reachable(self.host), self.port), timeout=1).close()
             stopping.join(0.05)

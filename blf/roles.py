@@ -150,14 +150,16 @@ class ThreadRole:
             self._on_exit()
 
     def alive(self) -> bool:
-        return self._thread.is_alive()
+        # returncode first: it is set before on_exit pokes the supervisor, which may look
+        # while this thread is still finishing.
+        return self.returncode is None and self._thread.is_alive()
 
     def stop(self) -> None:
         self._on_stop()
 
     def wait(self, timeout: float) -> bool:
         self._thread.join(max(timeout, 0))
-        return not self.alive()
+        return not self._thread.is_alive()
 
     def hurry(self) -> None:
         self._on_cold()
@@ -220,8 +222,10 @@ def beat_role(app: Celery, *, on_exit: Callable[[], None]) -> ThreadRole:
     process: the workers' own events still show every task.
 
     A beat that loses Redis (a restart, an operator's Redis that blips) starts again
-    after ``BEAT_RETRY_S``, as the workers reconnect by themselves: one warning, and the
-    node keeps its loops."""
+    after ``BEAT_RETRY_S``, as the workers reconnect by themselves: a warning per try, and
+    the node keeps its loops. A stop cannot interrupt RedBeat while it waits for its lock
+    or for Redis; beat holds no job, so `run` does not wait for it long (its thread is a
+    daemon)."""
     import redis
     from kombu.exceptions import OperationalError
 

@@ -19,8 +19,9 @@ Faults the node rides out:
   * The embedded Redis dies: it is restarted on the same socket from its append-only
     file (the queues and the journal survive), up to ``REDIS_RESTARTS`` times within
     ``REDIS_RESTART_WINDOW_S``; one more death stops the node (exit 1). The workers
-    reconnect by themselves; a role that ends within ``RECOVERY_S`` of a restart (beat
-    does: RedBeat gives up on its lock) is started again, once per restart.
+    reconnect by themselves, and beat starts again by itself (blf.roles.beat_role), as
+    it does when an operator's Redis blips; a role that still ends within ``RECOVERY_S``
+    of a restart is started again, once per restart.
   * The metrics port is taken (or metrics_host refused): one warning, and the node runs
     on without the endpoint.
 """
@@ -78,6 +79,8 @@ RECOVERY_S = 60.0
 HURRIED_GRACE_S = 1.0
 # Stopped before the workers: it runs no jobs, and must send no new polls.
 FIRST_TO_STOP = ("beat",)
+# How long a stop waits for beat.
+BEAT_STOP_S = 2.0
 # How often a stop that waits on the workers checks for a second signal.
 HURRY_CHECK_S = 0.2
 
@@ -387,17 +390,22 @@ class Supervisor:
         if self._metrics is not None:
             self._metrics.close()
             self._metrics = None
-        beat = [c for c in self.children if c.role in FIRST_TO_STOP]
-        workers = [c for c in self.children if c.role not in FIRST_TO_STOP]
-        for group, timeout in ((beat, COLD_SHUTDOWN_GRACE_S), (workers, None)):
-            self._stop_group(group, timeout)
+        beat = [c for c in self.children if c.role in FIRST_TO_STOP and c.alive()]
+        for child in beat:
+            child.stop()
+        for child in beat:
+            # Beat holds no job, and RedBeat waiting on its lock or on Redis cannot be
+            # interrupted: its thread (a daemon) is left to end with the process.
+            if not child.wait(BEAT_STOP_S):
+                log.info("beat is still waiting on Redis: stopping without it")
+        self._stop_workers([c for c in self.children if c.role not in FIRST_TO_STOP])
         self.children.clear()
 
-    def _stop_group(self, group: list[Role], timeout: float | None) -> None:
+    def _stop_workers(self, group: list[Role]) -> None:
         running = [c for c in group if c.alive()]
         for child in running:
             child.stop()
-        budget = self.node.settings.shutdown_timeout_s if timeout is None else timeout
+        budget = self.node.settings.shutdown_timeout_s
         deadline = time.monotonic() + budget
         for child in running:
             if self._wait_unless_hurried(child, deadline):
@@ -429,11 +437,11 @@ class Supervisor:
                 self._wakeups.poke()
                 return
             # say, not log: a logging call in a signal handler can meet a write in progress.
+            # Only flags here: the main thread hurries the roles (_stop_workers), where a
+            # lock an interrupted call holds cannot be taken again.
             say(f"Second {signal.Signals(signum).name}: stopping at once", logging.WARNING)
             self.hurried.set()
-            for child in self.children:
-                if child.alive():
-                    child.hurry()
+            self._wakeups.poke()
 
         for signum in STOP_SIGNALS:
             signal.signal(signum, request_stop)

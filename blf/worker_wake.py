@@ -13,7 +13,7 @@ each of those gets a wake-up of its own, through a pipe the loop reads:
   only once it wakes.
 
 kombu's own once-a-second timer (for the binding tables of expiring queues) runs once
-a minute instead, when the worker is ready.
+a minute instead, set again after each reconnection.
 
 A stop needs one more thing: kombu reads the answer of the BRPOP in flight before it
 closes the connection (it may carry a message), so that BRPOP must end too. A thread of
@@ -35,9 +35,16 @@ import uuid
 from typing import Any
 
 from celery import bootsteps
-from celery.signals import task_postrun, worker_ready, worker_shutting_down
+from celery.signals import task_postrun, worker_shutting_down
 
-__all__ = ["IDLE_BRPOP_S", "WakeOnEvents", "connection_name", "stop_soon", "wake"]
+__all__ = [
+    "IDLE_BRPOP_S",
+    "UnblockAtShutdown",
+    "WakeOnEvents",
+    "connection_name",
+    "stop_soon",
+    "wake",
+]
 
 # Seconds an idle worker's BRPOP waits before it is sent again.
 IDLE_BRPOP_S = 10
@@ -83,17 +90,17 @@ def _slot_freed(**_: Any) -> None:
     wake()
 
 
-@worker_ready.connect
-def _slow_binding_refresh(sender: Any = None, **_: Any) -> None:
+def _slow_binding_refresh(consumer: Any, hub: Any) -> None:
     """kombu (5.7) wakes the loop every second to see whether an expiring queue's binding
     table is due a refresh; none is due for 20 minutes (its TTL is an hour at the least,
     refreshed at a third of it) and the sweep of stale tables runs once a minute. So the
-    check runs once a minute instead. (Sent as the consumer's loop starts, in its thread.)"""
+    check runs once a minute instead. Called on the loop's first turn after each
+    (re)connection, once kombu has set its own timer."""
     global _binding_timer
-    cycle = getattr(getattr(getattr(sender, "connection", None), "transport", None), "cycle", None)
+    transport = getattr(getattr(consumer, "connection", None), "transport", None)
+    cycle = getattr(transport, "cycle", None)
     kombus = getattr(cycle, "_binding_expiry_tref", None)
-    hub = getattr(sender, "hub", None)
-    if cycle is None or kombus is None or hub is None:
+    if cycle is None or kombus is None:
         return
     kombus.cancel()
     if _binding_timer is not None:
@@ -177,6 +184,8 @@ class WakeOnEvents(bootsteps.StartStopStep):
         # has a new set of readers.
         if self._fds is not None:
             hub.add_reader(self._fds[0], _drain, self._fds[0])
+        # The consumer's transport registers right after this: look on the first turn.
+        hub.call_soon(_slow_binding_refresh, getattr(parent, "consumer", None), hub)
 
     def stop(self, parent: Any) -> None:
         global _write_fd
@@ -185,6 +194,18 @@ class WakeOnEvents(bootsteps.StartStopStep):
         if self._previous_wakeup is not None:
             signal.set_wakeup_fd(self._previous_wakeup)
             self._previous_wakeup = None
+
+
+class UnblockAtShutdown(bootsteps.StartStopStep):
+    """The consumer step that asks for the BRPOP to end however the worker stops (a
+    signal, an embedded stop, Flower's or `celery control`'s shutdown): it shuts down just
+    before the consumer's connection, which reads the BRPOP's answer as it closes. (A
+    reconnection stops the consumer's steps; only the final stop shuts them down.)"""
+
+    requires = ("celery.worker.consumer.connection:Connection",)
+
+    def shutdown(self, parent: Any) -> None:
+        _stopping.set()
 
 
 def _drain(fd: int) -> None:

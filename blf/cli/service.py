@@ -103,12 +103,17 @@ def run() -> None:
         raise
     # Supervisor.run installs its own handlers before it starts anything.
     supervisor = Supervisor(node=node, stop_requested=stop)
-    code = supervisor.run()
-    if supervisor.abandoned_threads:
-        # A job still runs in a thread that would not stop: Python's exit would wait for it.
-        # Its message is unacknowledged, so the next worker to start takes it again.
-        logging.shutdown()
-        os._exit(code)
+    code = 1
+    try:
+        code = supervisor.run()
+    finally:
+        if supervisor.abandoned_threads:
+            # A job still runs in a thread that would not stop: Python's exit would wait for
+            # it. Its message is unacknowledged, so the next worker to start takes it again.
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
     sys.exit(code)
 
 

@@ -77,13 +77,13 @@ def register(cli: click.Group) -> None:
 
 def run_stop_budget_s(settings: Settings) -> float:
     """The longest `run` takes from SIGTERM to its exit, as ``blf.supervisor`` stops:
-    beat (its warm window, then its cold one), the workers (``shutdown_timeout_s``, then
+    beat (``BEAT_STOP_S``), the workers (``shutdown_timeout_s``, then
     the cold grace), the final heartbeat (every attempt timing out), the embedded Redis."""
     from blf.broker import EmbeddedRedis
     from blf.icl import DEFAULT_TIMEOUT
-    from blf.supervisor import COLD_SHUTDOWN_GRACE_S, FINAL_HEARTBEAT_RETRY
+    from blf.supervisor import BEAT_STOP_S, COLD_SHUTDOWN_GRACE_S, FINAL_HEARTBEAT_RETRY
 
-    beat = 2 * COLD_SHUTDOWN_GRACE_S
+    beat = BEAT_STOP_S
     workers = settings.shutdown_timeout_s + COLD_SHUTDOWN_GRACE_S
     heartbeat = _call_budget_s(FINAL_HEARTBEAT_RETRY, DEFAULT_TIMEOUT)
     redis = float(_default_of(EmbeddedRedis.stop, "timeout"))
