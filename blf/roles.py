@@ -10,7 +10,6 @@ is the second Ctrl+C; ``reason`` says how it ended.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import logging
 import os
@@ -19,7 +18,7 @@ import signal
 import subprocess
 import threading
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from celery import Celery, signals
@@ -60,8 +59,6 @@ class ChildProcess:
     role: str
     process: subprocess.Popen[bytes]
     restarted_for: int = 0
-    # The last lines of its stderr, when captured.
-    errors: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=5))
 
     def alive(self) -> bool:
         return self.process.poll() is None
@@ -92,25 +89,8 @@ class ChildProcess:
             self.process.wait()
         return True
 
-    def capture_stderr(self) -> None:
-        """Keep the last lines the child writes to stderr (read in a thread, so a chatty
-        child never blocks on a full pipe)."""
-        stream = self.process.stderr
-        assert stream is not None
-
-        def read() -> None:
-            for raw in stream:
-                text = raw.decode("utf-8", "replace").strip()
-                if text:
-                    self.errors.append(text)
-
-        threading.Thread(target=read, name=f"{self.role}-stderr", daemon=True).start()
-
     def reason(self) -> str:
-        """Its exit status and, when it said why (click's ``Error: ...``), that."""
-        said = [line for line in self.errors if line.startswith("Error: ")]
-        why = f": {said[-1].removeprefix('Error: ')}" if said else ""
-        return f"exited with {self.process.returncode}{why}"
+        return f"exited with {self.process.returncode}"
 
 
 class ThreadRole:
